@@ -1,2 +1,171 @@
-def main():
-    print("hi")
+"""The ``swarmd`` command: seed a run, join one, watch one, or run the local demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+# hivemind reads its log level at import time; keep its INFO chatter out of the progress output
+os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
+
+from swarmd.daemon.spec import DEFAULT_SPEC_PATH, RunSpec, SpecError
+
+DESCRIPTION = """\
+swarmd: peer-to-peer volunteer training. A seed starts a run; volunteers join it with one command;
+microbatches travel through randomized pipelines across the volunteers' machines.
+
+  swarmd demo                         a local swarm (seed + 4 volunteers) training a small model
+  swarmd seed RUN.toml                start a run and print the join command for volunteers
+  swarmd join MULTIADDR               join a run and serve + train the stage that needs help most
+  swarmd status MULTIADDR             print a run's stages, peers, steps and loss
+"""
+
+
+def _node_arguments(parser: argparse.ArgumentParser) -> None:
+    net = parser.add_argument_group("network")
+    net.add_argument("--host", default="0.0.0.0",
+                     help="address to listen on (default 0.0.0.0; 127.0.0.1 keeps the node on this machine)")
+    net.add_argument("--port", type=int, default=0, help="TCP port for libp2p (default: any free port)")
+    net.add_argument("--announce", action="append", default=[], metavar="MULTIADDR",
+                     help="public multiaddr to announce, e.g. /ip4/203.0.113.7/tcp/31337 (repeatable)")
+    net.add_argument("--no-nat-traversal", action="store_true",
+                     help="disable NAT port mapping, AutoNAT and relays (always off when --host is loopback)")
+    node = parser.add_argument_group("node")
+    node.add_argument("--node-dir", type=Path, default=None,
+                      help="where the node keeps its identity key and ready.json (default ~/.swarmd/<command>)")
+    node.add_argument("--stage", type=int, default=None,
+                      help="serve this pipeline stage (default: the stage with the least total throughput)")
+    node.add_argument("--device", default="cpu", help="torch device for compute, e.g. cpu or cuda:0 (default cpu)")
+    node.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    node.add_argument("--metrics-host", default="0.0.0.0", help="address of the /metrics endpoint (default 0.0.0.0)")
+    node.add_argument("--metrics-port", type=int, default=9100,
+                      help="Prometheus /metrics port (default 9100; 0: any free port; -1: off)")
+    node.add_argument("--max-steps", type=int, default=0, help="stop after this node took this many inner steps (default: never)")
+    node.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default: never)")
+    node.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress lines (default 5)")
+    node.add_argument("--log-level", default="warning", help="python log level for swarmd (default warning)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swarmd", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    seed = commands.add_parser("seed", help="start a run: publish its signed spec and print the join command",
+                               description="Start a run from RUN.toml (default: the embedded demo run).")
+    seed.add_argument("spec", nargs="?", type=Path, default=DEFAULT_SPEC_PATH,
+                      help=f"the run spec (default: the embedded {DEFAULT_SPEC_PATH.name})")
+    seed.add_argument("--no-train", action="store_true", help="only coordinate (DHT, spec); serve no stage")
+    _node_arguments(seed)
+
+    join = commands.add_parser("join", help="join a run and train",
+                               description="Join the run that MULTIADDR's peer belongs to: fetch and verify the "
+                                           "spec, pick a stage, download its weights, then serve and train.")
+    join.add_argument("peers", nargs="+", metavar="MULTIADDR",
+                      help="one or more peers of the run, e.g. /ip4/1.2.3.4/tcp/31337/p2p/12D3Koo...")
+    join.add_argument("--seed-id", action="append", default=[], metavar="PEER_ID",
+                      help="trust specs signed by this peer (the seed), when joining through another peer")
+    _node_arguments(join)
+
+    status = commands.add_parser("status", help="print a run's stages, peers, steps and loss",
+                                 description="Join the DHT as a client and print the swarm.")
+    status.add_argument("peers", nargs="+", metavar="MULTIADDR", help="one or more peers of the run")
+    status.add_argument("--seed-id", action="append", default=[], metavar="PEER_ID",
+                        help="trust specs signed by this peer, when asking another peer")
+    status.add_argument("--watch", type=float, default=0.0, help="refresh every this many seconds (default: once)")
+
+    demo = commands.add_parser("demo", help="run a local swarm on 127.0.0.1 (seed + volunteers) and watch it train",
+                               description="Start a seed and volunteers as separate processes on 127.0.0.1 "
+                                           "training the embedded default run, print their progress, and stop "
+                                           "them all when the volunteers reach --steps.")
+    demo.add_argument("--volunteers", type=int, default=4, help="training volunteers (default 4: 2 stages x 2)")
+    demo.add_argument("--steps", type=int, default=150, help="inner steps per volunteer (default 150)")
+    demo.add_argument("--spec", type=Path, default=DEFAULT_SPEC_PATH, help="run spec (default: embedded)")
+    demo.add_argument("--dir", type=Path, default=None, help="folder for the nodes' files (default: a temp folder)")
+    demo.add_argument("--threads", type=int, default=1, help="torch threads per volunteer (default 1)")
+    demo.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds (default 900)")
+    return parser
+
+
+def _node_options(args: argparse.Namespace, command: str, **extra):
+    from swarmd.daemon.node import NodeOptions
+
+    return NodeOptions(
+        node_dir=args.node_dir or Path.home() / ".swarmd" / command,
+        host=args.host, port=args.port, announce=tuple(args.announce),
+        stage=args.stage, device=args.device, threads=args.threads,
+        metrics_host=args.metrics_host, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        max_steps=args.max_steps, duration_s=args.duration, progress_s=args.progress_every,
+        nat_traversal=not args.no_nat_traversal, **extra,
+    )
+
+
+async def _run_node(options) -> int:
+    from swarmd.daemon.node import Node
+
+    node = await Node.create(options)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, node.stop_event.set)
+    try:
+        _print_banner(node)
+        await node.run()
+    finally:
+        print("stopping...", flush=True)
+        print(node.summary(), flush=True)
+        await node.close()
+        print("stopped", flush=True)
+    return 0
+
+
+def _print_banner(node) -> None:
+    spec = node.spec
+    public = [m for m in node.maddrs if "/ip4/127." not in m] or node.maddrs
+    print(f"swarmd {node.peer_id}: run {spec.run_id!r}, {spec.pipeline.stages} stage(s), "
+          f"role {'seed' if node.options.seed_spec else 'volunteer'}, "
+          f"stage {node.stage if node.stage is not None else '-'}", flush=True)
+    print(f"listening on {' '.join(node.maddrs)}", flush=True)
+    if node.metrics_server is not None:
+        print(f"metrics on http://{node.options.metrics_host}:{node.metrics_server.port}/metrics", flush=True)
+    if node.options.seed_spec is not None:
+        print("volunteers join with:", flush=True)
+        print(f"  swarmd join {public[0]}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from swarmd.daemon.demo import run_demo
+
+        return run_demo(args)
+    logging.basicConfig(level=getattr(args, "log_level", "warning").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvloop
+
+    try:
+        if args.command == "seed":
+            spec = RunSpec.load(args.spec)
+            return uvloop.run(_run_node(_node_options(args, "seed", seed_spec=spec, train=not args.no_train)))
+        if args.command == "join":
+            options = _node_options(args, "join", initial_peers=tuple(args.peers), seed_ids=tuple(args.seed_id))
+            return uvloop.run(_run_node(options))
+        if args.command == "status":
+            from swarmd.daemon.status import run_status
+
+            return uvloop.run(run_status(args.peers, args.seed_id, args.watch))
+    except (SpecError, ConnectionError, OSError) as e:
+        print(f"swarmd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

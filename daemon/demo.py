@@ -1,0 +1,153 @@
+"""``swarmd demo``: a real local swarm, a seed plus volunteers as separate processes on 127.0.0.1.
+
+Each node is a full ``swarmd`` process with its own p2pd; they find each other through the DHT
+exactly as remote volunteers would. The launcher prefixes and relays their progress lines, stops
+everything at the end (or on Ctrl-C), and prints how the loss moved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from swarmd.daemon.spec import RunSpec
+
+LOSS_RE = re.compile(r"\[stage (\d+)/\d+\] step (\d+) \| loss ([0-9.naninf]+)")
+
+
+@dataclass
+class Child:
+    """One node process and what the launcher learned from its output."""
+
+    name: str
+    process: subprocess.Popen
+    node_dir: Path
+    losses: list[float] = field(default_factory=list)
+    stage: int | None = None
+    lines: deque[str] = field(default_factory=lambda: deque(maxlen=2000))
+
+
+def _relay(child: Child) -> None:
+    assert child.process.stdout is not None
+    for line in child.process.stdout:
+        line = line.rstrip()
+        child.lines.append(line)
+        if match := LOSS_RE.search(line):
+            child.stage = int(match.group(1))
+            loss = float(match.group(3))
+            if loss == loss:  # skip nan (no microbatch finished yet)
+                child.losses.append(loss)
+        print(f"[{child.name}] {line}", flush=True)
+
+
+def node_command(*args: str) -> list[str]:
+    """How the launcher starts a node: this Python, this swarmd."""
+    return [sys.executable, "-m", "swarmd.daemon.cli", *args]
+
+
+def start_child(name: str, args: list[str], node_dir: Path, env: dict[str, str]) -> Child:
+    process = subprocess.Popen(
+        node_command(*args, "--node-dir", str(node_dir)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env=env, start_new_session=True,  # a Ctrl-C reaches the launcher, which stops children cleanly
+    )
+    child = Child(name, process, node_dir)
+    threading.Thread(target=_relay, args=(child,), daemon=True).start()
+    return child
+
+
+def wait_ready(child: Child, timeout: float) -> dict:
+    """Wait for the node's ready.json (written once it serves); raise if it died or timed out."""
+    path = child.node_dir / "ready.json"
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.exists():
+            return json.loads(path.read_text())
+        if child.process.poll() is not None:
+            raise RuntimeError(f"{child.name} exited with code {child.process.returncode} before it was ready")
+        time.sleep(0.1)
+    raise TimeoutError(f"{child.name} was not ready after {timeout:.0f} s")
+
+
+def stop_children(children: list[Child], timeout: float = 15.0) -> None:
+    """SIGTERM every child, wait, then SIGKILL whatever is left (and its process group: p2pd)."""
+    for child in children:
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+    end = time.monotonic() + timeout
+    for child in children:
+        try:
+            child.process.wait(max(0.1, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for child in children:
+        try:
+            os.killpg(child.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        child.process.wait()
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Start the local swarm, relay its progress, stop it when every volunteer reached ``--steps``."""
+    spec = RunSpec.load(args.spec)
+    stages = spec.pipeline.stages
+    with tempfile.TemporaryDirectory(prefix="swarmd-demo-") as tmp:
+        root = args.dir or Path(tmp)
+        # hivemind leaves unix sockets in the temp folder: give the swarm its own
+        env = {**os.environ, "TMPDIR": str(root), "HIVEMIND_LOGLEVEL": "ERROR", "PYTHONUNBUFFERED": "1"}
+        (root / "sockets").mkdir(parents=True, exist_ok=True)
+        env["TMPDIR"] = str(root / "sockets")
+        common = ["--host", "127.0.0.1", "--metrics-host", "127.0.0.1", "--metrics-port", "0"]
+        children: list[Child] = []
+        started = time.monotonic()
+        try:
+            print(f"swarmd demo: seed + {args.volunteers} volunteers on 127.0.0.1, run {spec.run_id!r}, "
+                  f"{stages} stages, {args.steps} inner steps each; files in {root}", flush=True)
+            seed = start_child("seed", ["seed", str(args.spec), "--no-train", *common], root / "seed", env)
+            children.append(seed)
+            seed_info = wait_ready(seed, 60)
+            seed_addr = seed_info["maddrs"][0]
+            for i in range(args.volunteers):
+                # the demo pins the layout (stage i mod S) so every run is the same 2 x 2 swarm;
+                # a real `swarmd join` picks the stage with the least throughput itself
+                children.append(start_child(
+                    f"v{i} ", ["join", seed_addr, *common, "--stage", str(i % stages), "--threads",
+                               str(args.threads), "--max-steps", str(args.steps)], root / f"v{i}", env,
+                ))
+            volunteers = children[1:]
+            for volunteer in volunteers:
+                info = wait_ready(volunteer, 90)
+                print(f"[demo] {volunteer.name.strip()} serves stage {info['stage']}, "
+                      f"metrics on http://127.0.0.1:{info['metrics_port']}/metrics", flush=True)
+            end = started + args.timeout
+            while any(v.process.poll() is None for v in volunteers):
+                if time.monotonic() > end:
+                    print(f"[demo] timeout after {args.timeout:.0f} s", flush=True)
+                    return 1
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            print("[demo] interrupted", flush=True)
+            return 130
+        finally:
+            stop_children(children)
+        failed = [v.name.strip() for v in volunteers if v.process.returncode != 0]
+        elapsed = time.monotonic() - started
+        print(f"[demo] done in {elapsed:.0f} s", flush=True)
+        for v in volunteers:
+            if v.losses and v.stage == stages - 1:
+                print(f"[demo] {v.name.strip()} (stage {v.stage}) loss {v.losses[0]:.3f} -> {v.losses[-1]:.3f}")
+        if failed:
+            print(f"[demo] volunteers that failed: {', '.join(failed)}", flush=True)
+            return 1
+        return 0

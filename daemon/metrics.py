@@ -1,0 +1,94 @@
+"""Every Prometheus metric a node exports, defined once, in a registry owned by the node."""
+
+from __future__ import annotations
+
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+from swarmd.protocols.errors import REJECT_REASONS
+
+CHANNELS = ("activations", "gradients", "averaging", "state")
+RPCS = ("forward", "backward", "info", "spec", "state")
+MICROBATCH_RESULTS = ("completed", "dropped", "expired")
+OUTER_RESULTS = ("paired", "solo", "rejected", "failed")
+# Latency buckets from loopback (sub-ms) to slow volunteer links (tens of seconds).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class NodeMetrics:
+    """The node's metric catalog. Labels take small fixed value sets only (no peer or microbatch ids)."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.info = Info("swarmd", "Static facts about this node", registry=r)
+        self.stage = Gauge("swarmd_stage", "Pipeline stage this node serves (-1: none)", registry=r)
+        self.num_stages = Gauge("swarmd_stages", "Number of pipeline stages in the run", registry=r)
+        self.inner_steps = Counter("swarmd_inner_steps", "Inner optimizer steps taken", registry=r)
+        self.outer_steps = Counter("swarmd_outer_steps", "Outer steps by result", ["result"], registry=r)
+        self.samples = Counter("swarmd_samples", "Samples processed by this node's stage", registry=r)
+        self.tokens = Counter("swarmd_tokens", "Tokens processed by this node's stage", registry=r)
+        self.loss = Gauge("swarmd_loss", "Training loss of the latest completed microbatch", registry=r)
+        self.throughput = Gauge(
+            "swarmd_throughput_samples_per_second", "Measured compute throughput of this node", registry=r
+        )
+        self.rpc_latency = Histogram(
+            "swarmd_rpc_duration_seconds", "RPC latency, caller side, send to reply",
+            ["rpc"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.handler_latency = Histogram(
+            "swarmd_handler_duration_seconds", "RPC handling time, server side, request read to reply",
+            ["rpc"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.bytes_sent = Counter("swarmd_sent_bytes", "Payload bytes sent, by channel", ["channel"], registry=r)
+        self.bytes_received = Counter(
+            "swarmd_received_bytes", "Payload bytes received, by channel", ["channel"], registry=r
+        )
+        self.compression_ratio = Gauge(
+            "swarmd_compression_ratio", "Raw fp32 bytes over wire bytes of the latest tensor sent, by channel",
+            ["channel"], registry=r,
+        )
+        self.live_peers = Gauge("swarmd_live_peers", "Live peers per stage, as seen in the DHT", ["stage"], registry=r)
+        self.queue_depth = Gauge("swarmd_queue_depth", "Tasks waiting for or running on the compute lane", registry=r)
+        self.inflight = Gauge("swarmd_inflight_microbatches", "Microbatches held for backward", registry=r)
+        self.route_failures = Counter(
+            "swarmd_route_failures", "Hops that failed or timed out and were rerouted", registry=r
+        )
+        self.microbatches = Counter(
+            "swarmd_microbatches", "Microbatches by how they ended, on the driver", ["result"], registry=r
+        )
+        self.rejected = Counter(
+            "swarmd_rejected_messages", "Incoming messages rejected, by reason", ["reason"], registry=r
+        )
+        # Pre-create the fixed label values so every series exists (and dashboards show 0, not "no data").
+        for channel in CHANNELS:
+            self.bytes_sent.labels(channel)
+            self.bytes_received.labels(channel)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+        for result in MICROBATCH_RESULTS:
+            self.microbatches.labels(result)
+        for result in OUTER_RESULTS:
+            self.outer_steps.labels(result)
+        for rpc in RPCS:
+            self.rpc_latency.labels(rpc)
+            self.handler_latency.labels(rpc)
+
+    def set_live_peers(self, peers_per_stage: list[int]) -> None:
+        for stage, count in enumerate(peers_per_stage):
+            self.live_peers.labels(str(stage)).set(count)
+
+
+class MetricsServer:
+    """The /metrics HTTP endpoint (prometheus_client's server thread: I/O at the edge, off the loop)."""
+
+    def __init__(self, metrics: NodeMetrics, host: str, port: int):
+        server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+        self._server: WSGIServer = server
+        self._thread = thread
+        self.port: int = server.server_port
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

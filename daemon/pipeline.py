@@ -1,0 +1,368 @@
+"""One node's part in the SWARM pipeline: serve forward/backward hops, drive microbatches on stage 0.
+
+The walk of a microbatch (see shared/ARCHITECTURE.md): a driver runs stage 0 and sends the
+activations to a stage-1 peer drawn at random by throughput / (1 + queue); each peer acks on
+admission, computes, and forwards on; the last stage computes the loss and sends the gradient back
+along the recorded route. A hop that fails is retried on another peer and the failed peer banned
+with backoff; a microbatch that outlives its deadline is dropped everywhere it is held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from swarmd.daemon.compute import ComputeLane, ThroughputMeter
+from swarmd.daemon.metrics import NodeMetrics
+from swarmd.daemon.peers import PeerTable
+from swarmd.daemon.spec import RunSpec
+from swarmd.daemon.transport import Transport
+from swarmd.protocols import rpc
+from swarmd.protocols.codecs import encode_tensor
+from swarmd.protocols.errors import ProtocolError
+from swarmd.protocols.limits import Limits
+from swarmd.protocols.wire import Message, RemoteError, encode_message
+from swarmd.swarm.data import ShardSampler
+from swarmd.swarm.routing import BanList, choose_peer
+from swarmd.swarm.stage import StageWorker
+
+logger = logging.getLogger(__name__)
+
+BUSY_RETRY_S = 0.02  # pause before retrying when every next-stage peer answered "busy"
+NO_PEER_RETRY_S = 0.25  # pause while the next stage has no live peer
+
+
+@dataclass
+class HeldMicrobatch:
+    """What this node keeps for a microbatch between its forward and its backward."""
+
+    sender: str  # the upstream peer ("" on the driver); gradients go back to it
+    route: list[str]  # peers the microbatch passed, this node last
+    deadline: float  # time.monotonic() past which it is dropped
+    output_shape: tuple[int, ...] = ()
+    downstream: str | None = None  # the peer that took our forward; only it may send the backward
+    done: asyncio.Future | None = None  # the driver's wait for the loss
+    forward_s: float = 0.0  # compute time of our forward, added to the backward's for throughput
+
+
+@dataclass
+class PipelineStats:
+    """Counters the progress line and the heartbeat read."""
+
+    completed: int = 0  # microbatches this driver saw through
+    last_loss: float = float("nan")
+    losses: list[float] = field(default_factory=list)  # every loss this node computed or received
+
+    def summary(self) -> str:
+        if not self.losses:
+            return "no loss recorded"
+        tail = self.losses[-10:]
+        return f"loss first {self.losses[0]:.4f} last {sum(tail) / len(tail):.4f} (mean of last {len(tail)})"
+
+
+class PipelineService:
+    """The pipeline role of a training node (stage ``stage`` of ``spec.pipeline.stages``)."""
+
+    def __init__(
+        self, *, spec: RunSpec, stage: int, peer_id: str, worker: StageWorker, lane: ComputeLane,
+        transport: Transport, peers: PeerTable, metrics: NodeMetrics, limits: Limits,
+        sampler: ShardSampler | None, meter: ThroughputMeter, rng: random.Random,
+    ):
+        self.spec, self.stage, self.peer_id = spec, stage, peer_id
+        self.num_stages = spec.pipeline.stages
+        self.worker, self.lane, self.transport = worker, lane, transport
+        self.peers, self.metrics, self.limits = peers, metrics, limits
+        self.sampler, self.meter, self.rng = sampler, meter, rng
+        self.bans = BanList()
+        self.held: dict[bytes, HeldMicrobatch] = {}
+        self.held_per_sender: Counter[str] = Counter()
+        self.stats = PipelineStats()
+        self._tasks: set[asyncio.Task] = set()
+        self._last_inner_step = worker.inner_step
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+    # ---- serving -------------------------------------------------------------------------------
+
+    async def register(self) -> None:
+        await self.transport.serve(rpc.FORWARD, "forward", self.on_forward, ("forward",), channel="activations")
+        await self.transport.serve(rpc.BACKWARD, "backward", self.on_backward, ("backward",), channel="gradients")
+
+    async def on_forward(self, sender: str, message: Message) -> bytes:
+        """Admit a forward hop: validate everything, hold it, ack; the compute runs after the reply."""
+        fields = message.fields
+        mb_id, route = fields["mb_id"], fields["route"]
+        if fields["stage"] != self.stage or self.stage == 0:
+            raise ProtocolError("wrong_stage", f"this node serves stage {self.stage}, not {fields['stage']}")
+        if not route or route[-1] != sender:
+            raise ProtocolError("unknown_peer", "the route must end with the sending peer")
+        if mb_id in self.held:
+            raise ProtocolError("malformed", "this microbatch id is already held here")
+        if self.held_per_sender[sender] >= self.limits.max_inflight_per_peer:
+            raise ProtocolError("busy", f"{self.limits.max_inflight_per_peer} microbatches of yours are in flight here")
+        activations, targets = message.tensors
+        self._check_activations(activations, targets)
+        deadline = time.monotonic() + min(fields["deadline_s"], self.spec.pipeline.microbatch_deadline_s)
+        self._hold(mb_id, HeldMicrobatch(sender=sender, route=[*route, self.peer_id], deadline=deadline))
+        self._spawn(self._process_forward(mb_id, activations, targets))
+        return encode_message("ack", {"queue_depth": self.lane.depth})
+
+    async def on_backward(self, sender: str, message: Message) -> bytes:
+        """Admit a gradient for a microbatch this node holds, from the peer it forwarded that microbatch to."""
+        fields = message.fields
+        mb_id = fields["mb_id"]
+        if fields["stage"] != self.stage:
+            raise ProtocolError("wrong_stage", f"this node serves stage {self.stage}, not {fields['stage']}")
+        held = self.held.get(mb_id)
+        if held is None or held.downstream is None:
+            raise ProtocolError("unknown_microbatch", "no such microbatch is waiting for its gradient here")
+        if held.downstream != sender:
+            raise ProtocolError("unknown_peer", "this microbatch was not forwarded to you")
+        (grad,) = message.tensors
+        if tuple(grad.shape) != held.output_shape or not grad.is_floating_point():
+            raise ProtocolError("shape", f"gradient shape {tuple(grad.shape)} != output shape {held.output_shape}")
+        held.downstream = None  # one gradient per microbatch: a replay is an unknown microbatch
+        self._spawn(self._process_backward(mb_id, held, grad, float(fields["loss"])))
+        return encode_message("ack", {"queue_depth": self.lane.depth})
+
+    def _check_activations(self, activations: torch.Tensor, targets: torch.Tensor) -> None:
+        try:
+            self.worker.check_input(activations)
+            self.worker.check_targets(activations, targets)
+        except ValueError as e:
+            reason = "dtype" if "dtype" in str(e) else "shape"
+            raise ProtocolError(reason, str(e)) from None
+
+    # ---- compute + forwarding ------------------------------------------------------------------
+
+    async def _process_forward(self, mb_id: bytes, activations: torch.Tensor, targets: torch.Tensor) -> None:
+        held = self.held.get(mb_id)
+        if held is None:
+            return
+        try:
+            if self.is_last:
+                (loss, grad_in), seconds = await self.lane.run_timed(
+                    self.worker.forward_backward_last, activations, targets
+                )
+                self._account(activations.shape, seconds)
+                self._record_loss(loss)
+                self._release(mb_id)
+                await self._send_backward(held.sender, mb_id, self.stage - 1, loss, grad_in)
+                return
+            output, seconds = await self.lane.run_timed(self.worker.forward, mb_id, activations, held.deadline)
+            held.output_shape = tuple(output.shape)
+            held.forward_s = seconds
+            downstream = await self._send_forward(mb_id, output, targets, held.route, held.deadline)
+            if downstream is None:
+                self._drop(mb_id)
+            elif mb_id in self.held:
+                held.downstream = downstream
+        except Exception:
+            logger.exception("forward of a microbatch failed here")
+            self._drop(mb_id)
+
+    async def _process_backward(self, mb_id: bytes, held: HeldMicrobatch, grad: torch.Tensor, loss: float) -> None:
+        try:
+            grad_in, seconds = await self.lane.run_timed(self.worker.backward, mb_id, grad)
+        except KeyError:  # expired on the lane meanwhile
+            self._release(mb_id)
+            return
+        except Exception:
+            logger.exception("backward of a microbatch failed here")
+            self._drop(mb_id)
+            return
+        self._account(grad.shape, seconds + held.forward_s)
+        self._release(mb_id)
+        if held.done is not None:  # the driver: the microbatch is complete
+            if not held.done.done():
+                held.done.set_result(loss)
+        elif grad_in is not None:
+            await self._send_backward(held.sender, mb_id, self.stage - 1, loss, grad_in)
+
+    async def _send_forward(
+        self, mb_id: bytes, output: torch.Tensor, targets: torch.Tensor, route: list[str], deadline: float
+    ) -> str | None:
+        """Hand the microbatch to a next-stage peer, rerouting around failures. Returns who took it."""
+        codec = self.spec.compression.activations
+        block = self.spec.compression.block_size
+        encoded, encoded_targets = await self.lane.run(
+            lambda: (encode_tensor(output, codec, block_size=block), encode_tensor(targets, "none"))
+        )
+        self._record_ratio("activations", output, encoded.payload)
+        next_stage = self.stage + 1
+        tried: set[str] = set()
+        while (left := deadline - time.monotonic()) > 0:
+            request = encode_message(
+                "forward",
+                {"mb_id": mb_id, "stage": next_stage, "route": route, "deadline_s": left},
+                [encoded, encoded_targets],
+            )
+            candidates = self.peers.stage(next_stage)
+            peer = choose_peer(candidates, self.bans, self.rng, time.time(), exclude=tried)
+            if peer is None:
+                all_busy = bool(tried) and all(p.peer_id in tried for p in candidates)
+                tried.clear()
+                await asyncio.sleep(BUSY_RETRY_S if all_busy else NO_PEER_RETRY_S)
+                continue
+            tried.add(peer.peer_id)
+            try:
+                await self.transport.call(
+                    peer.peer_id, rpc.FORWARD, "forward", request,
+                    timeout=min(left, self.spec.pipeline.hop_timeout_s), channel="activations",
+                )
+                self.bans.record_success(peer.peer_id)
+                return peer.peer_id
+            except RemoteError as e:
+                if e.reason == "busy":
+                    continue
+                self._hop_failed(peer.peer_id, f"rejected our forward: {e}")
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self._hop_failed(peer.peer_id, f"forward failed: {type(e).__name__}: {e}")
+        return None
+
+    async def _send_backward(self, upstream: str, mb_id: bytes, stage: int, loss: float, grad: torch.Tensor) -> None:
+        """Send the input gradient back along the route. A broken route drops the microbatch (counted)."""
+        codec = self.spec.compression.gradients
+        block = self.spec.compression.block_size
+        encoded = await self.lane.run(lambda: encode_tensor(grad, codec, block_size=block))
+        self._record_ratio("gradients", grad, encoded.payload)
+        request = encode_message("backward", {"mb_id": mb_id, "stage": stage, "loss": loss}, [encoded])
+        try:
+            await self.transport.call(
+                upstream, rpc.BACKWARD, "backward", request,
+                timeout=self.spec.pipeline.hop_timeout_s, channel="gradients",
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._hop_failed(upstream, f"backward failed: {type(e).__name__}: {e}")
+
+    def _hop_failed(self, peer_id: str, why: str) -> None:
+        self.metrics.route_failures.inc()
+        self.bans.ban(peer_id, time.time())
+        logger.warning("peer %s: %s; banned for a while", peer_id[-8:], why)
+
+    # ---- driving (stage 0) ---------------------------------------------------------------------
+
+    async def drive(self, stop: asyncio.Event) -> None:
+        """Keep ``max_inflight`` microbatches moving through the pipeline until ``stop`` is set."""
+        assert self.stage == 0 and self.sampler is not None
+        lanes = [asyncio.create_task(self._drive_lane(stop)) for _ in range(self.spec.pipeline.max_inflight)]
+        try:
+            await asyncio.gather(*lanes)
+        finally:
+            for task in lanes:
+                task.cancel()
+            await asyncio.gather(*lanes, return_exceptions=True)
+
+    async def _drive_lane(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.run_microbatch()
+
+    async def run_microbatch(self) -> float | None:
+        """Drive one microbatch end to end; its loss, or None if it was dropped or expired."""
+        inputs, targets = await self.lane.run(self.sampler.next_batch)
+        if self.num_stages == 1:
+            (loss, _), seconds = await self.lane.run_timed(self.worker.forward_backward_last, inputs, targets)
+            self._account(inputs.shape, seconds)
+            self._complete(loss)
+            return loss
+        mb_id = os.urandom(16)
+        deadline = time.monotonic() + self.spec.pipeline.microbatch_deadline_s
+        done = asyncio.get_running_loop().create_future()
+        held = HeldMicrobatch(sender="", route=[self.peer_id], deadline=deadline, done=done)
+        self._hold(mb_id, held)
+        try:
+            output, held.forward_s = await self.lane.run_timed(self.worker.forward, mb_id, inputs, deadline)
+            held.output_shape = tuple(output.shape)
+            downstream = await self._send_forward(mb_id, output, targets, held.route, deadline)
+            if downstream is None:
+                self.metrics.microbatches.labels("dropped").inc()
+                self._drop(mb_id)
+                return None
+            held.downstream = downstream
+            loss = await asyncio.wait_for(done, max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            self.metrics.microbatches.labels("expired").inc()
+            self._drop(mb_id)
+            return None
+        self._complete(loss)
+        return loss
+
+    def _complete(self, loss: float) -> None:
+        self.metrics.microbatches.labels("completed").inc()
+        self.stats.completed += 1
+        self._record_loss(loss)
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+
+    def _account(self, shape: torch.Size | tuple[int, ...], seconds: float) -> None:
+        """Count a microbatch this stage finished computing (forward + backward)."""
+        batch, seq = int(shape[0]), int(shape[1])
+        self.metrics.samples.inc(batch)
+        self.metrics.tokens.inc(batch * seq)
+        self.meter.update(batch, seconds)
+        self.metrics.throughput.set(self.meter.value)
+        steps = self.worker.inner_step - self._last_inner_step
+        if steps > 0:
+            self.metrics.inner_steps.inc(steps)
+            self._last_inner_step = self.worker.inner_step
+
+    def _record_loss(self, loss: float) -> None:
+        self.stats.last_loss = loss
+        self.stats.losses.append(loss)
+        self.metrics.loss.set(loss)
+
+    def _record_ratio(self, channel: str, tensor: torch.Tensor, payload: bytes) -> None:
+        if payload:
+            self.metrics.compression_ratio.labels(channel).set(tensor.numel() * 4 / len(payload))
+
+    def _hold(self, mb_id: bytes, held: HeldMicrobatch) -> None:
+        self.held[mb_id] = held
+        self.held_per_sender[held.sender] += 1
+        self.metrics.inflight.set(len(self.held))
+
+    def _release(self, mb_id: bytes) -> None:
+        held = self.held.pop(mb_id, None)
+        if held is not None:
+            self.held_per_sender[held.sender] -= 1
+            if self.held_per_sender[held.sender] <= 0:
+                del self.held_per_sender[held.sender]
+        self.metrics.inflight.set(len(self.held))
+
+    def _drop(self, mb_id: bytes) -> None:
+        """Forget a microbatch here and on the lane (its stored inputs free their memory)."""
+        self._release(mb_id)
+        self._spawn(self.lane.run(self.worker.discard, mb_id))
+
+    def expire(self) -> int:
+        """Drop every held microbatch past its deadline. Returns how many."""
+        now = time.monotonic()
+        expired = [mb_id for mb_id, held in self.held.items() if held.deadline < now]
+        for mb_id in expired:
+            done = self.held[mb_id].done
+            if done is not None and not done.done():
+                done.set_exception(asyncio.TimeoutError())
+            self._drop(mb_id)
+        return len(expired)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

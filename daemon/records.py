@@ -1,0 +1,74 @@
+"""DHT records of a run: key names, the heartbeat record's schema, and its validation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from swarmd.protocols.limits import DEFAULT_LIMITS
+from swarmd.swarm.routing import PeerInfo
+
+
+def spec_key(run_id: str) -> str:
+    return f"swarmd/{run_id}/spec"
+
+
+def stage_key(run_id: str, stage: int) -> str:
+    return f"swarmd/{run_id}/stage/{stage}"
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """What a serving peer announces about itself under its stage's key (subkey: its peer id)."""
+
+    throughput: float  # samples/s its compute lane sustains
+    queue_depth: int
+    inner_step: int
+    samples: int
+    maddrs: tuple[str, ...]
+
+    def encode(self) -> bytes:
+        return msgpack.packb(
+            {"tput": self.throughput, "queue": self.queue_depth, "step": self.inner_step,
+             "samples": self.samples, "maddrs": list(self.maddrs)},
+            use_bin_type=True,
+        )
+
+
+def decode_heartbeat(value: Any) -> Heartbeat | None:
+    """Parse a heartbeat value from the DHT; None for anything malformed, oversized or absurd."""
+    if not isinstance(value, bytes) or len(value) > DEFAULT_LIMITS.max_record_bytes:
+        return None
+    try:
+        raw = msgpack.unpackb(value, raw=False, max_array_len=64, max_map_len=16, max_str_len=512)
+        tput, queue, step, samples = float(raw["tput"]), raw["queue"], raw["step"], raw["samples"]
+        maddrs = raw["maddrs"]
+    except (ValueError, TypeError, KeyError, msgpack.ExtraData):
+        return None
+    if not (math.isfinite(tput) and tput >= 0) or not all(isinstance(x, int) and x >= 0 for x in (queue, step, samples)):
+        return None
+    if not isinstance(maddrs, list) or not all(isinstance(m, str) for m in maddrs):
+        return None
+    return Heartbeat(tput, queue, step, samples, tuple(maddrs))
+
+
+def peers_from_record(stage: int, record: Any) -> list[tuple[PeerInfo, Heartbeat]]:
+    """All valid peers in a stage record (a hivemind dictionary value with subkeys)."""
+    if record is None or not isinstance(record.value, dict):
+        return []
+    peers = []
+    for subkey, item in record.value.items():
+        if not isinstance(subkey, str) or len(subkey) > 128:
+            continue
+        beat = decode_heartbeat(item.value)
+        if beat is None:
+            continue
+        info = PeerInfo(
+            peer_id=subkey, stage=stage, throughput=beat.throughput, queue_depth=beat.queue_depth,
+            inner_step=beat.inner_step, expires=item.expiration_time,
+        )
+        peers.append((info, beat))
+    return peers

@@ -1,0 +1,224 @@
+"""The run spec: what a swarm trains and how. Loaded from TOML, signed by the seed, verified by joiners."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from swarmd.daemon.identity import NodeIdentity, peer_id_from_public_key, verify_signature
+from swarmd.protocols.codecs import CODECS
+from swarmd.swarm.model import ModelConfig
+
+DEFAULT_SPEC_PATH = Path(__file__).with_name("default_run.toml")
+
+
+class SpecError(ValueError):
+    """The run spec is invalid, or its signature does not check out."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How microbatches move: stage count, microbatch shape, in-flight and timing bounds."""
+
+    stages: int = 2
+    microbatch_size: int = 8
+    seq_len: int = 64
+    max_inflight: int = 4  # microbatches one driver keeps in the pipeline at once
+    hop_timeout_s: float = 10.0  # one RPC hop, send to ack
+    microbatch_deadline_s: float = 60.0  # a microbatch's whole forward + backward
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The inner optimizer (AdamW), stepped once per local batch."""
+
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    microbatches_per_step: int = 1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from: the embedded corpus or local text/jsonl files."""
+
+    source: str = "builtin"  # "builtin" or "files"
+    paths: tuple[str, ...] = ()
+    jsonl_field: str = "text"
+    val_fraction: float = 0.05
+    shards: int = 8  # a driver trains on the shard its peer id hashes to
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Codec per network channel (see swarmd.protocols.codecs)."""
+
+    activations: str = "none"
+    gradients: str = "none"
+    block_size: int = 256
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything every peer of a run must agree on."""
+
+    run_id: str
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.run_id) and len(self.run_id) <= 64 and self.run_id.replace("-", "").replace("_", "").isalnum(),
+               f"run.id {self.run_id!r} must be 1-64 letters, digits, '-' or '_'")
+        p, o = self.pipeline, self.optimizer
+        _check(1 <= p.stages <= self.model.n_layers, f"pipeline.stages must be in 1..{self.model.n_layers} (model.n_layers)")
+        _check(1 <= p.microbatch_size <= 4096, "pipeline.microbatch_size must be in 1..4096")
+        _check(2 <= p.seq_len <= self.model.max_seq_len, f"pipeline.seq_len must be in 2..{self.model.max_seq_len}")
+        _check(1 <= p.max_inflight <= 64, "pipeline.max_inflight must be in 1..64")
+        _check(p.hop_timeout_s > 0 and p.microbatch_deadline_s > p.hop_timeout_s,
+               "need 0 < pipeline.hop_timeout_s < pipeline.microbatch_deadline_s")
+        _check(o.lr > 0 and o.weight_decay >= 0 and o.grad_clip > 0, "optimizer lr, grad_clip > 0; weight_decay >= 0")
+        _check(o.microbatches_per_step >= 1, "optimizer.microbatches_per_step must be >= 1")
+        _check(self.data.source in ("builtin", "files"), "data.source must be 'builtin' or 'files'")
+        _check(self.data.source == "builtin" or bool(self.data.paths), "data.source = 'files' needs data.paths")
+        _check(0 < self.data.val_fraction < 0.5, "data.val_fraction must be in (0, 0.5)")
+        _check(1 <= self.data.shards <= 4096, "data.shards must be in 1..4096")
+        for channel in ("activations", "gradients"):
+            codec = getattr(self.compression, channel)
+            _check(codec in CODECS, f"compression.{channel} = {codec!r}; known codecs: {', '.join(CODECS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The TOML-shaped dict (also what is signed and published)."""
+        return {
+            "run": {"id": self.run_id, "seed": self.seed},
+            "model": self.model.to_dict(),
+            "pipeline": dataclasses.asdict(self.pipeline),
+            "optimizer": dataclasses.asdict(self.optimizer),
+            "data": {**dataclasses.asdict(self.data), "paths": list(self.data.paths)},
+            "compression": dataclasses.asdict(self.compression),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "RunSpec":
+        """Build from the TOML-shaped dict; unknown sections or keys are errors, not silently ignored."""
+        if not isinstance(raw, dict):
+            raise SpecError("run spec must be a table")
+        known = {"run", "model", "pipeline", "optimizer", "data", "compression"}
+        if unknown := set(raw) - known:
+            raise SpecError(f"unknown section(s) {sorted(unknown)}; known: {sorted(known)}")
+        run = _table(raw, "run")
+        if "id" not in run:
+            raise SpecError("[run] needs an id")
+        _no_unknown("run", run, {"id", "seed"})
+        try:
+            model = ModelConfig.from_dict(_table(raw, "model"))
+        except (TypeError, ValueError) as e:
+            raise SpecError(f"[model]: {e}") from e
+        data = dict(_table(raw, "data"))
+        if "paths" in data:
+            data["paths"] = tuple(str(p) for p in data["paths"])
+        try:
+            return cls(
+                run_id=str(run["id"]),
+                seed=int(run.get("seed", 0)),
+                model=model,
+                pipeline=_build(PipelineConfig, "pipeline", _table(raw, "pipeline")),
+                optimizer=_build(OptimizerConfig, "optimizer", _table(raw, "optimizer")),
+                data=_build(DataConfig, "data", data),
+                compression=_build(CompressionConfig, "compression", _table(raw, "compression")),
+            )
+        except SpecError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise SpecError(str(e)) from e
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunSpec":
+        """Read a RUN.toml file."""
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise SpecError(f"run spec {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise SpecError(f"{path}: {e}") from e
+        try:
+            return cls.from_dict(raw)
+        except SpecError as e:
+            raise SpecError(f"{path}: {e}") from e
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise SpecError(message)
+
+
+def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, dict):
+        raise SpecError(f"[{name}] must be a table")
+    return value
+
+
+def _no_unknown(section: str, values: dict[str, Any], known: set[str]) -> None:
+    if unknown := set(values) - known:
+        raise SpecError(f"[{section}] has unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+
+
+def _build(kind: type, section: str, values: dict[str, Any]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    _no_unknown(section, values, set(fields))
+    converted = {}
+    for name, value in values.items():
+        default = fields[name].default
+        # TOML ints where floats are expected are fine; anything else of the wrong type is not
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if default is not dataclasses.MISSING and not isinstance(value, type(default)):
+            raise SpecError(f"[{section}] {name} = {value!r} should be a {type(default).__name__}")
+        converted[name] = value
+    return kind(**converted)
+
+
+# ---- signing -------------------------------------------------------------------------------------
+
+def sign_spec(spec: RunSpec, identity: NodeIdentity) -> bytes:
+    """The spec record published in the DHT: the spec, the seed's public key and its signature."""
+    body = msgpack.packb(spec.to_dict(), use_bin_type=True)
+    return msgpack.packb(
+        {"spec": body, "public_key": identity.public_der, "signature": identity.sign(body)}, use_bin_type=True
+    )
+
+
+def verify_spec_record(record: bytes, trusted_seed_ids: set[str] | None) -> tuple[RunSpec, str]:
+    """Check a spec record's signature and, when given, that the signer is one of ``trusted_seed_ids``.
+
+    Returns the spec and the signer's peer id. Raises SpecError with the reason otherwise.
+    """
+    try:
+        outer = msgpack.unpackb(record, raw=False, max_bin_len=1 << 20, max_str_len=1 << 16)
+        body, public_der, signature = outer["spec"], outer["public_key"], outer["signature"]
+        if not all(isinstance(x, bytes) for x in (body, public_der, signature)):
+            raise TypeError("fields must be bytes")
+    except (ValueError, TypeError, KeyError, msgpack.ExtraData) as e:
+        raise SpecError(f"malformed spec record: {e}") from None
+    if not verify_signature(public_der, body, signature):
+        raise SpecError("spec record signature is invalid")
+    signer = peer_id_from_public_key(public_der)
+    if trusted_seed_ids is not None and signer not in trusted_seed_ids:
+        raise SpecError(f"spec is signed by {signer}, which is not the seed you asked to join")
+    try:
+        raw = msgpack.unpackb(body, raw=False)
+    except (ValueError, msgpack.ExtraData) as e:
+        raise SpecError(f"malformed spec body: {e}") from None
+    return RunSpec.from_dict(raw), signer

@@ -1,0 +1,43 @@
+"""RPC handler names, in one place, with their metric labels and the message kinds they exchange."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+FORWARD = "swarmd.forward"
+BACKWARD = "swarmd.backward"
+INFO = "swarmd.info"
+SPEC = "swarmd.spec"
+STATE = "swarmd.state"
+
+ALL_RPCS: tuple[str, ...] = (FORWARD, BACKWARD, INFO, SPEC, STATE)
+
+
+@dataclass(frozen=True)
+class RpcSpec:
+    """One RPC: its metric label, the kind of its request and the kind of its (non-error) reply."""
+
+    label: str
+    request_kind: str
+    reply_kind: str
+
+
+RPCS: Mapping[str, RpcSpec] = MappingProxyType(
+    {
+        FORWARD: RpcSpec("forward", "forward", "ack"),
+        BACKWARD: RpcSpec("backward", "backward", "ack"),
+        INFO: RpcSpec("info", "info_request", "info"),
+        SPEC: RpcSpec("spec", "spec_request", "spec"),
+        STATE: RpcSpec("state", "state_request", "state"),
+    }
+)
+
+# Short, fixed label values for per-RPC metrics.
+METRIC_LABELS: Mapping[str, str] = MappingProxyType({name: spec.label for name, spec in RPCS.items()})
+
+
+def metric_label(rpc: str) -> str:
+    """The metric label of handler name ``rpc``; KeyError for a name that is not one of ALL_RPCS."""
+    return RPCS[rpc].label

@@ -1,0 +1,53 @@
+"""Which stage a peer should serve: the pipeline runs at the speed of its slowest stage, so join that one.
+
+Modelled on Petals' ``block_selection.py``. Everything is pure and order-independent: every peer that sees
+the same set of records computes the same floats and picks the same stage.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from .routing import PeerInfo
+
+
+def _usable(throughput: float) -> float:
+    # A negative or non-finite claim must not make a stage look empty or infinitely fast.
+    return throughput if math.isfinite(throughput) and throughput > 0 else 0.0
+
+
+def stage_throughputs(peers: Iterable[PeerInfo], num_stages: int) -> list[float]:
+    """Total announced throughput (samples/s) per stage, ``num_stages`` entries.
+
+    Values are summed in sorted order with ``math.fsum`` so the result does not depend on the order records
+    arrived in. Peers announcing a stage outside [0, num_stages) (e.g. a stale config) are ignored.
+    """
+    if num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+    per_stage: list[list[float]] = [[] for _ in range(num_stages)]
+    for peer in peers:
+        if 0 <= peer.stage < num_stages:
+            per_stage[peer.stage].append(_usable(peer.throughput))
+    return [math.fsum(sorted(values)) for values in per_stage]
+
+
+def stage_peer_counts(peers: Iterable[PeerInfo], num_stages: int) -> list[int]:
+    """Number of peers announcing each stage (out-of-range stages ignored)."""
+    counts = [0] * num_stages
+    for peer in peers:
+        if 0 <= peer.stage < num_stages:
+            counts[peer.stage] += 1
+    return counts
+
+
+def choose_stage(peers: Iterable[PeerInfo], num_stages: int) -> int:
+    """The stage with the least total throughput; ties go to the stage with fewest peers, then the lowest index.
+
+    Pass the *other* peers' records (leave out your own, as Petals does when it considers moving): the
+    answer is where this peer's capacity is missing most.
+    """
+    peers = list(peers)  # iterated twice
+    totals = stage_throughputs(peers, num_stages)
+    counts = stage_peer_counts(peers, num_stages)
+    return min(range(num_stages), key=lambda stage: (totals[stage], counts[stage], stage))

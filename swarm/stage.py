@@ -1,0 +1,305 @@
+"""The compute of one pipeline stage on one peer: forward, backward, gradient accumulation, inner AdamW steps.
+
+The pipeline is asynchronous: the inner optimizer steps while other microbatches are still in flight. An
+autograd graph kept from forward to backward would hold tensors the in-place AdamW update invalidates, so
+``forward`` runs without grad and keeps only the inputs; ``backward`` re-runs the forward with grad on them
+(as hivemind's expert backends do). The gradient is therefore taken at the *current* weights.
+
+The daemon drives a ``StageWorker`` from one worker thread: there is no locking here, but every id coming
+from the network is checked (unknown, duplicate and expired microbatches are clear errors, never crashes).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .model import InputSpec, StageModel, lm_loss
+
+
+def check_input(spec: InputSpec, inputs: Any) -> None:
+    """Raise ValueError with a clear text unless ``inputs`` is a valid input for a stage with ``spec``."""
+    if not isinstance(inputs, torch.Tensor):
+        raise ValueError(f"expected a tensor, got {type(inputs).__name__}")
+    want_ndim = 2 + len(spec.feature_shape)
+    what = "tokens [batch, seq]" if spec.kind == "tokens" else f"hidden states [batch, seq, {spec.feature_shape[0]}]"
+    if inputs.dtype != spec.dtype:
+        raise ValueError(f"expected {what} of dtype {spec.dtype}, got dtype {inputs.dtype}")
+    if inputs.dim() != want_ndim:
+        raise ValueError(f"expected {what}, got shape {tuple(inputs.shape)}")
+    batch, seq = inputs.shape[0], inputs.shape[1]
+    if batch < 1 or not 1 <= seq <= spec.max_seq_len:
+        raise ValueError(f"expected 1 <= batch and 1 <= seq <= {spec.max_seq_len}, got shape {tuple(inputs.shape)}")
+    if tuple(inputs.shape[2:]) != spec.feature_shape:
+        raise ValueError(f"expected {what}, got shape {tuple(inputs.shape)}")
+    if spec.kind == "tokens":
+        if int(inputs.min()) < 0 or int(inputs.max()) >= spec.vocab_size:
+            raise ValueError(
+                f"token ids must be in [0, {spec.vocab_size}), got range [{int(inputs.min())}, {int(inputs.max())}]"
+            )
+    elif not bool(torch.isfinite(inputs).all()):
+        raise ValueError("hidden states contain NaN or Inf")
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay matrices and embeddings (dim >= 2), not norm scales (nanoGPT's rule)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+@dataclass
+class _Pending:
+    """A microbatch between forward and backward: only its inputs, never a graph."""
+
+    inputs: torch.Tensor
+    deadline: float
+    inner_step: int  # the step its forward saw, for diagnostics
+
+
+class StageWorker:
+    """Forward/backward of one ``StageModel`` with gradient accumulation and a local AdamW.
+
+    Every ``microbatches_per_step`` completed backward passes, the accumulated gradients are averaged,
+    clipped to ``grad_clip`` (per stage: each stage only sees its own parameters) and applied.
+    Tensors returned to the caller are detached and on the CPU, ready for the wire.
+    """
+
+    def __init__(
+        self,
+        model: StageModel,
+        lr: float,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        grad_clip: float | None = 1.0,
+        microbatches_per_step: int = 1,
+        device: str | torch.device = "cpu",
+        eps: float = 1e-8,
+    ):
+        if microbatches_per_step < 1:
+            raise ValueError(f"microbatches_per_step must be >= 1, got {microbatches_per_step}")
+        if grad_clip is not None and not grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.grad_clip = grad_clip
+        self.microbatches_per_step = microbatches_per_step
+        self.optimizer = torch.optim.AdamW(
+            optimizer_param_groups(self.model, weight_decay), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
+        )
+        self._pending: dict[bytes, _Pending] = {}
+        self._accumulated = 0  # microbatches whose gradients sit in .grad, not yet applied
+        self.inner_step = 0
+        self.skipped_steps = 0  # steps dropped because the gradient norm was not finite
+        self.samples_processed = 0
+        self.tokens_processed = 0
+        self.last_grad_norm: float | None = None
+
+    # ----------------------------------------------------------------------------------- properties
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """What this stage accepts (see ``check_input``)."""
+        return self.model.input_spec
+
+    @property
+    def is_first(self) -> bool:
+        """True if this stage takes tokens."""
+        return self.model.is_first
+
+    @property
+    def is_last(self) -> bool:
+        """True if this stage produces logits."""
+        return self.model.is_last
+
+    @property
+    def inflight(self) -> int:
+        """Microbatches forwarded and awaiting backward."""
+        return len(self._pending)
+
+    @property
+    def accumulated(self) -> int:
+        """Microbatches accumulated toward the next inner step."""
+        return self._accumulated
+
+    def check_input(self, inputs: Any) -> None:
+        """Raise ValueError unless ``inputs`` fits this stage's input (dtype, shape, token range, finiteness)."""
+        check_input(self.input_spec, inputs)
+
+    def check_targets(self, inputs: torch.Tensor, targets: Any) -> None:
+        """Raise ValueError unless ``targets`` are int64 token ids shaped like the [batch, seq] of ``inputs``."""
+        if not isinstance(targets, torch.Tensor):
+            raise ValueError(f"expected targets as a tensor, got {type(targets).__name__}")
+        want = tuple(inputs.shape[:2])
+        if targets.dtype != torch.int64 or tuple(targets.shape) != want:
+            raise ValueError(f"expected int64 targets of shape {want}, got {targets.dtype} {tuple(targets.shape)}")
+        vocab = self.model.config.vocab_size
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+            raise ValueError(f"target ids must be in [0, {vocab})")
+
+    # ----------------------------------------------------------------------------------- compute
+
+    def forward(self, mb_id: bytes, inputs: torch.Tensor, deadline: float) -> torch.Tensor:
+        """No-grad forward; keeps ``inputs`` under ``mb_id`` until ``backward`` or ``deadline``.
+
+        Raises ValueError for bad inputs or an ``mb_id`` already in flight (a duplicate must not overwrite
+        the inputs another backward will need).
+        """
+        if mb_id in self._pending:
+            raise ValueError(f"microbatch {_show(mb_id)} is already in flight")
+        self.check_input(inputs)
+        inputs = inputs.detach().to(self.device, copy=True)  # our own copy: the caller may reuse its buffer
+        with torch.no_grad():
+            outputs = self.model(inputs)
+        self._pending[mb_id] = _Pending(inputs, deadline, self.inner_step)
+        return outputs.detach().cpu()
+
+    @torch.no_grad()
+    def infer(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Forward without keeping anything (evaluation)."""
+        self.check_input(inputs)
+        return self.model(inputs.to(self.device)).cpu()
+
+    def backward(self, mb_id: bytes, grad_output: torch.Tensor) -> torch.Tensor | None:
+        """Backprop ``grad_output`` through the stored microbatch ``mb_id``; returns the input gradient
+        (None on stage 0, whose inputs are tokens). Frees the entry and steps when enough have accumulated.
+
+        Raises KeyError for an unknown, already used or expired ``mb_id``; ValueError for a bad gradient.
+        """
+        pending = self._pending.get(mb_id)
+        if pending is None:
+            raise KeyError(
+                f"unknown microbatch {_show(mb_id)}: never forwarded here, already backpropagated, or expired"
+            )
+        batch, seq = pending.inputs.shape[:2]
+        want = self.model.output_shape(batch, seq)
+        if not isinstance(grad_output, torch.Tensor) or not grad_output.is_floating_point():
+            raise ValueError(f"expected a floating-point gradient tensor of shape {want}")
+        if tuple(grad_output.shape) != want:
+            raise ValueError(f"gradient shape {tuple(grad_output.shape)} does not match this stage's output {want}")
+        if not bool(torch.isfinite(grad_output).all()):
+            raise ValueError("gradient contains NaN or Inf")
+        del self._pending[mb_id]
+
+        inputs = pending.inputs
+        if not self.is_first:
+            inputs = inputs.requires_grad_(True)
+        with torch.enable_grad():
+            outputs = self.model(inputs)
+            outputs.backward(grad_output.to(device=self.device, dtype=outputs.dtype))
+        grad_input = None if self.is_first else inputs.grad.detach().cpu()
+        self._finish_microbatch(batch, seq)
+        return grad_input
+
+    def forward_backward_last(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, torch.Tensor | None]:
+        """Last stage: forward, mean cross-entropy against ``targets``, backward. Returns (loss, input gradient);
+        the gradient is None with a single stage (the inputs are tokens). Counts toward the inner step.
+
+        Raises FloatingPointError (touching no gradients) when the loss is not finite.
+        """
+        if not self.is_last:
+            raise RuntimeError(f"forward_backward_last called on stage {self.model.stage}, not the last stage")
+        self.check_input(inputs)
+        self.check_targets(inputs, targets)
+        inputs = inputs.detach().to(self.device, copy=True)
+        if not self.is_first:
+            inputs.requires_grad_(True)
+        with torch.enable_grad():
+            loss = lm_loss(self.model(inputs), targets.to(self.device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()}: microbatch dropped")
+            loss.backward()
+        grad_input = None if self.is_first else inputs.grad.detach().cpu()
+        self._finish_microbatch(*inputs.shape[:2])
+        return float(loss.item()), grad_input
+
+    @torch.no_grad()
+    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """Last stage: the loss of one batch, no gradients, nothing stored."""
+        if not self.is_last:
+            raise RuntimeError(f"eval_loss called on stage {self.model.stage}, not the last stage")
+        self.check_input(inputs)
+        self.check_targets(inputs, targets)
+        return float(lm_loss(self.model(inputs.to(self.device)), targets.to(self.device)).item())
+
+    def _finish_microbatch(self, batch: int, seq: int) -> None:
+        self.samples_processed += batch
+        self.tokens_processed += batch * seq
+        self._accumulated += 1
+        if self._accumulated >= self.microbatches_per_step:
+            self._step()
+
+    def _step(self) -> None:
+        """Average the accumulated gradients, clip, apply AdamW, clear."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        for p in params:
+            p.grad.div_(self._accumulated)  # each microbatch's loss is a mean: average, don't sum
+        max_norm = self.grad_clip if self.grad_clip is not None else math.inf
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+        self.last_grad_norm = norm
+        if math.isfinite(norm):
+            self.optimizer.step()
+            self.inner_step += 1
+        else:
+            self.skipped_steps += 1  # one bad microbatch must not poison the weights
+        self.optimizer.zero_grad(set_to_none=True)
+        self._accumulated = 0
+
+    def discard(self, mb_id: bytes) -> bool:
+        """Forget a stored microbatch (the pipeline gave up on it); True if it was here."""
+        return self._pending.pop(mb_id, None) is not None
+
+    def expire(self, now: float) -> int:
+        """Drop stored microbatches whose deadline has passed (``deadline < now``); returns how many."""
+        stale = [mb_id for mb_id, pending in self._pending.items() if pending.deadline < now]
+        for mb_id in stale:
+            del self._pending[mb_id]
+        return len(stale)
+
+    # ----------------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """A snapshot (deep copy) of model + optimizer + counters, for a peer joining this stage to download.
+
+        Copies, not views: the snapshot stays consistent while this worker keeps stepping in place.
+        """
+        return copy.deepcopy(
+            {
+                "stage": self.model.stage,
+                "num_stages": self.model.num_stages,
+                "layers": (self.model.layer_start, self.model.layer_end),
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "inner_step": self.inner_step,
+                "samples_processed": self.samples_processed,
+                "tokens_processed": self.tokens_processed,
+            }
+        )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a ``state_dict`` from a peer of the same stage; drops in-flight microbatches and partial grads."""
+        mine = (self.model.stage, self.model.num_stages, (self.model.layer_start, self.model.layer_end))
+        theirs = (state.get("stage"), state.get("num_stages"), tuple(state.get("layers", ())))
+        if mine != theirs:
+            raise ValueError(f"state is for (stage, num_stages, layers) = {theirs}, this worker serves {mine}")
+        self.model.load_state_dict(state["model"])
+        # AdamW would keep the given state tensors as they are (same device/dtype): copy, never share.
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self.inner_step = int(state["inner_step"])
+        self.samples_processed = int(state.get("samples_processed", 0))
+        self.tokens_processed = int(state.get("tokens_processed", 0))
+        # Activations and gradients computed with the old weights no longer match the new ones.
+        self._pending.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._accumulated = 0
+
+
+def _show(mb_id: Any) -> str:
+    return mb_id.hex() if isinstance(mb_id, (bytes, bytearray)) else repr(mb_id)

@@ -1,0 +1,115 @@
+"""Start real swarmd nodes as separate processes on 127.0.0.1, read their metrics, tear them down.
+
+Built on the demo launcher's own process helpers, so the tests start nodes exactly as users do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from swarmd.daemon.demo import Child, start_child, stop_children, wait_ready
+
+LOCAL = ["--host", "127.0.0.1", "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--progress-every", "2"]
+SUMMARY_RE = re.compile(r"summary: stage (\d+) inner steps (\d+) samples (\d+) loss first ([0-9.]+) last ([0-9.]+)")
+
+
+def write_spec(path: Path, *, deadline_s: float = 60.0, hop_timeout_s: float = 10.0, stages: int = 2,
+               microbatches_per_step: int = 1) -> Path:
+    """A small run spec for tests (the demo's model, tighter timings where a test needs them)."""
+    path.write_text(f"""
+[run]
+id = "test"
+seed = 0
+[model]
+dim = 64
+n_layers = 2
+n_heads = 2
+max_seq_len = 64
+[pipeline]
+stages = {stages}
+microbatch_size = 8
+seq_len = 32
+max_inflight = 4
+hop_timeout_s = {hop_timeout_s}
+microbatch_deadline_s = {deadline_s}
+[optimizer]
+lr = 0.003
+microbatches_per_step = {microbatches_per_step}
+""")
+    return path
+
+
+class Swarm:
+    """A seed plus volunteers; every process is stopped on exit, whatever happened."""
+
+    def __init__(self, root: Path, env: dict[str, str]):
+        self.root, self.env = root, env
+        self.children: list[Child] = []
+        self.ready: dict[str, dict] = {}
+        self.seed_addr = ""
+
+    def start_seed(self, spec: Path, *extra: str) -> Child:
+        child = self._start("seed", ["seed", str(spec), *LOCAL, *extra])
+        self.seed_addr = self.ready["seed"]["maddrs"][0]
+        return child
+
+    def join_all(self, volunteers: dict[str, list[str]]) -> None:
+        """Start volunteers together (as a crowd joining at once would), then wait until each serves."""
+        started = [self._start(name, ["join", self.seed_addr, *LOCAL, "--threads", "1", *extra], wait=False)
+                   for name, extra in volunteers.items()]
+        for child in started:
+            self.ready[child.name] = wait_ready(child, 90)
+
+    def _start(self, name: str, args: list[str], wait: bool = True) -> Child:
+        child = start_child(name, args, self.root / name, self.env)
+        self.children.append(child)
+        if wait:
+            self.ready[name] = wait_ready(child, 90)
+        return child
+
+    def child(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name)
+
+    def metrics(self, name: str) -> dict[str, float]:
+        """Scrape a node's /metrics into {'name{label="v"}': value}."""
+        port = self.ready[name]["metrics_port"]
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        values = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return values
+
+    def metrics_text(self, name: str) -> str:
+        port = self.ready[name]["metrics_port"]
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+    def output(self, name: str) -> str:
+        return "\n".join(self.child(name).lines)
+
+
+@contextlib.contextmanager
+def swarm(root: Path, env: dict[str, str]) -> Iterator[Swarm]:
+    s = Swarm(root, env)
+    try:
+        yield s
+    finally:
+        stop_children(s.children)
+
+
+def wait_for(condition, timeout: float, what: str, poll: float = 0.5):
+    """Poll ``condition`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if result := condition():
+            return result
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

@@ -1,0 +1,60 @@
+"""Stage selection: join the stage with the least total throughput."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from swarmd.swarm.balancing import choose_stage, stage_peer_counts, stage_throughputs
+from swarmd.swarm.routing import PeerInfo
+
+
+def peer(peer_id: str, stage: int, throughput: float) -> PeerInfo:
+    return PeerInfo(peer_id=peer_id, stage=stage, throughput=throughput, queue_depth=0, inner_step=0, expires=1e9)
+
+
+def test_stage_throughputs():
+    peers = [peer("a", 0, 1.5), peer("b", 0, 2.5), peer("c", 2, 7.0), peer("x", 5, 100.0), peer("n", 1, float("nan"))]
+    assert stage_throughputs(peers, 3) == [4.0, 0.0, 7.0]  # out-of-range stage and NaN ignored
+    assert stage_peer_counts(peers, 3) == [2, 1, 1]
+    with pytest.raises(ValueError):
+        stage_throughputs(peers, 0)
+
+
+def test_least_throughput_stage():
+    peers = [peer("a", 0, 10.0), peer("b", 1, 3.0), peer("c", 1, 4.0), peer("d", 2, 5.0)]
+    assert choose_stage(peers, 3) == 2
+    assert choose_stage(peers, 4) == 3  # an empty stage comes first
+    assert choose_stage([], 3) == 0
+
+
+def test_tie_breaking():
+    # Equal totals: fewer peers wins.
+    peers = [peer("a", 0, 2.0), peer("b", 0, 2.0), peer("c", 1, 4.0)]
+    assert choose_stage(peers, 2) == 1
+    # Equal totals and counts: lowest index wins.
+    peers = [peer("a", 0, 4.0), peer("c", 1, 4.0), peer("d", 2, 4.0)]
+    assert choose_stage(peers, 3) == 0
+    peers = [peer("a", 0, 5.0), peer("c", 1, 4.0), peer("d", 2, 4.0)]
+    assert choose_stage(peers, 3) == 1
+    # Peers with no throughput measurement yet still count as peers.
+    assert choose_stage([peer("a", 0, 0.0)], 2) == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.floats(0.0, 1e6, allow_nan=False, allow_infinity=False)),
+        max_size=30,
+    ),
+    st.randoms(use_true_random=False),
+)
+def test_order_independence(entries, rnd: random.Random):
+    peers = [peer(f"p{i}", stage, throughput) for i, (stage, throughput) in enumerate(entries)]
+    shuffled = peers[:]
+    rnd.shuffle(shuffled)
+    assert stage_throughputs(peers, 4) == stage_throughputs(shuffled, 4)  # bit-identical floats
+    assert choose_stage(peers, 4) == choose_stage(shuffled, 4)

@@ -1,0 +1,82 @@
+"""Multi-process swarms on 127.0.0.1: real `swarmd seed` / `swarmd join` processes, real p2pd."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from swarm_harness import SUMMARY_RE, swarm, wait_for, write_spec
+
+pytestmark = pytest.mark.slow
+
+
+def _counter(metrics: dict[str, float], name: str) -> float:
+    return metrics.get(name, 0.0)
+
+
+def test_seed_and_four_volunteers_train(tmp_path: Path, swarm_env: dict[str, str]) -> None:
+    """2 stages x 2 replicas reach 100 inner steps each; the loss falls >= 30%; metrics advance."""
+    spec = write_spec(tmp_path / "run.toml")
+    steps = 100
+    with swarm(tmp_path, swarm_env) as s:
+        s.start_seed(spec, "--no-train")
+        names = [f"v{i}" for i in range(4)]
+        s.join_all({name: ["--stage", str(i % 2), "--max-steps", str(steps)] for i, name in enumerate(names)})
+        wait_for(lambda: all(s.metrics(n)["swarmd_samples_total"] > 0 for n in names), 60, "every replica to work")
+        first = {n: s.metrics(n) for n in names}
+        time.sleep(2)
+        second = {n: s.metrics(n) for n in names}
+        for n in names:  # counters advance on every node while it trains
+            for counter in ("swarmd_samples_total", "swarmd_tokens_total", "swarmd_inner_steps_total"):
+                assert second[n][counter] > first[n][counter], (n, counter)
+        assert sum(second[n]['swarmd_sent_bytes_total{channel="activations"}'] for n in ("v0", "v2")) > 0
+        assert sum(second[n]['swarmd_sent_bytes_total{channel="gradients"}'] for n in ("v1", "v3")) > 0
+        wait_for(lambda: all(s.child(n).process.poll() is not None for n in names), 240, "100 inner steps")
+        for n in names:
+            assert s.child(n).process.returncode == 0, s.output(n)
+            match = SUMMARY_RE.search(s.output(n))
+            assert match, s.output(n)
+            stage, inner_steps, samples = int(match[1]), int(match[2]), int(match[3])
+            first_loss, last_loss = float(match[4]), float(match[5])
+            assert stage == int(n[1]) % 2
+            assert inner_steps >= steps and samples > 0
+            assert last_loss <= 0.7 * first_loss, f"{n}: loss {first_loss} -> {last_loss}"
+
+
+def test_killed_replica_is_routed_around(tmp_path: Path, swarm_env: dict[str, str]) -> None:
+    """kill -9 of a stage-1 replica: training goes on, route failures rise, nothing hangs past its deadline."""
+    deadline = 6.0
+    spec = write_spec(tmp_path / "run.toml", deadline_s=deadline, hop_timeout_s=2.0)
+    with swarm(tmp_path, swarm_env) as s:
+        s.start_seed(spec, "--no-train")
+        s.join_all({f"v{i}": ["--stage", str(i % 2)] for i in range(4)})
+        drivers, victim, survivor = ("v0", "v2"), "v3", "v1"
+        wait_for(lambda: s.metrics(victim)["swarmd_samples_total"] > 50, 60, "the victim to take traffic")
+        os.kill(s.child(victim).process.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        s.child(victim).process.wait()
+
+        def completed(name: str) -> float:
+            return s.metrics(name)['swarmd_microbatches_total{result="completed"}']
+
+        def survivor_samples() -> float:
+            return s.metrics(survivor)["swarmd_samples_total"]
+
+        before = {d: completed(d) for d in drivers}
+        samples_before = survivor_samples()
+        wait_for(lambda: all(completed(d) > before[d] + 20 for d in drivers), 60, "training to go on")
+        assert survivor_samples() > samples_before
+        failures = sum(s.metrics(d)["swarmd_route_failures_total"] for d in drivers)
+        assert failures >= 1, "nobody noticed the dead peer"
+        # past every deadline, nothing sent to the dead peer is still held anywhere
+        time.sleep(max(0.0, killed_at + deadline + 2.0 - time.monotonic()))
+        for name in (*drivers, survivor):
+            assert s.child(name).process.poll() is None, f"{name} died: {s.output(name)}"
+            assert s.metrics(name)["swarmd_inflight_microbatches"] <= 4 + 1, name
+        lost = sum(s.metrics(d)['swarmd_microbatches_total{result="expired"}'] +
+                   s.metrics(d)['swarmd_microbatches_total{result="dropped"}'] for d in drivers)
+        assert lost >= 1, "microbatches held by the dead peer must expire on their drivers"
