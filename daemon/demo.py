@@ -17,9 +17,12 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from swarmd.daemon.spec import RunSpec
 
@@ -49,6 +52,17 @@ def _relay(child: Child) -> None:
             if loss == loss:  # skip nan (no microbatch finished yet)
                 child.losses.append(loss)
         print(f"[{child.name}] {line}", flush=True)
+
+
+def read_metrics(port: int, host: str = "127.0.0.1") -> dict[str, float]:
+    """Scrape a node's /metrics into {'name{label="v"}': value} (labels sorted)."""
+    text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return values
 
 
 def node_command(*args: str) -> list[str]:
@@ -98,6 +112,22 @@ def stop_children(children: list[Child], timeout: float = 15.0) -> None:
         child.process.wait()
 
 
+def wait_all_steps(children: list[Child], ports: list[int], steps: int, timeout: float) -> None:
+    """Wait until every node's swarmd_inner_steps_total reached ``steps``. Stopping nodes one by one as
+    each gets there would strand the others (a driver with no next-stage peer left), so the launcher
+    watches them all and stops them together."""
+    end = time.monotonic() + timeout
+    while True:
+        for child in children:
+            if child.process.poll() is not None:
+                raise RuntimeError(f"{child.name.strip()} exited with code {child.process.returncode}")
+        if all(read_metrics(port)["swarmd_inner_steps_total"] >= steps for port in ports):
+            return
+        if time.monotonic() > end:
+            raise TimeoutError(f"not every node reached {steps} inner steps in {timeout:.0f} s")
+        time.sleep(0.5)
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """Start the local swarm, relay its progress, stop it when every volunteer reached ``--steps``."""
     spec = RunSpec.load(args.spec)
@@ -123,22 +153,23 @@ def run_demo(args: argparse.Namespace) -> int:
                 # a real `swarmd join` picks the stage with the least throughput itself
                 children.append(start_child(
                     f"v{i} ", ["join", seed_addr, *common, "--stage", str(i % stages), "--threads",
-                               str(args.threads), "--max-steps", str(args.steps)], root / f"v{i}", env,
+                               str(args.threads)], root / f"v{i}", env,
                 ))
             volunteers = children[1:]
+            ports = []
             for volunteer in volunteers:
                 info = wait_ready(volunteer, 90)
+                ports.append(info["metrics_port"])
                 print(f"[demo] {volunteer.name.strip()} serves stage {info['stage']}, "
                       f"metrics on http://127.0.0.1:{info['metrics_port']}/metrics", flush=True)
-            end = started + args.timeout
-            while any(v.process.poll() is None for v in volunteers):
-                if time.monotonic() > end:
-                    print(f"[demo] timeout after {args.timeout:.0f} s", flush=True)
-                    return 1
-                time.sleep(0.5)
+            wait_all_steps(children, ports, args.steps, args.timeout - (time.monotonic() - started))
+            print(f"[demo] every volunteer took {args.steps} inner steps; stopping the swarm", flush=True)
         except KeyboardInterrupt:
             print("[demo] interrupted", flush=True)
             return 130
+        except (RuntimeError, TimeoutError) as e:
+            print(f"[demo] failed: {e}", flush=True)
+            return 1
         finally:
             stop_children(children)
         failed = [v.name.strip() for v in volunteers if v.process.returncode != 0]

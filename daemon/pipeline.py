@@ -15,7 +15,7 @@ import os
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -30,7 +30,7 @@ from swarmd.protocols.errors import ProtocolError
 from swarmd.protocols.limits import Limits
 from swarmd.protocols.wire import Message, RemoteError, encode_message
 from swarmd.swarm.data import ShardSampler
-from swarmd.swarm.routing import BanList, choose_peer
+from swarmd.swarm.routing import BanList, PeerInfo, choose_peer
 from swarmd.swarm.stage import StageWorker
 
 logger = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ class PipelineService:
                 {"mb_id": mb_id, "stage": next_stage, "route": route, "deadline_s": left},
                 [encoded, encoded_targets],
             )
-            candidates = self.peers.stage(next_stage)
+            candidates = self._with_outstanding(self.peers.stage(next_stage))
             peer = choose_peer(candidates, self.bans, self.rng, time.time(), exclude=tried)
             if peer is None:
                 all_busy = bool(tried) and all(p.peer_id in tried for p in candidates)
@@ -247,6 +247,12 @@ class PipelineService:
             raise
         except Exception as e:
             self._hop_failed(upstream, f"backward failed: {type(e).__name__}: {e}")
+
+    def _with_outstanding(self, peers: list[PeerInfo]) -> list[PeerInfo]:
+        """Add to each peer's announced queue the microbatches we have outstanding there right now:
+        heartbeats are seconds old, and without this every driver piles onto the same fast peer."""
+        outstanding = Counter(h.downstream for h in self.held.values() if h.downstream)
+        return [replace(p, queue_depth=p.queue_depth + outstanding[p.peer_id]) for p in peers]
 
     def _hop_failed(self, peer_id: str, why: str) -> None:
         self.metrics.route_failures.inc()

@@ -60,8 +60,8 @@ class DataConfig:
 class CompressionConfig:
     """Codec per network channel (see swarmd.protocols.codecs)."""
 
-    activations: str = "none"
-    gradients: str = "none"
+    activations: str = "int8"
+    gradients: str = "int8"
     block_size: int = 256
 
 

@@ -2,6 +2,11 @@
 
 ``meta`` travels in the msgpack header of a message; ``payload`` travels as raw bytes after it.
 Every decode checks the meta against explicit limits before allocating anything.
+
+Quantized codecs (float tensors only) put ``block_size`` in the meta; their payload is the codes
+(int8: one byte per element; int4: two elements per byte, low nibble first, stored as code + 8)
+followed by one little-endian float32 scale per block. "int8" is stateless; "int8-ef" and
+"int4-ef" take the caller's error-feedback ``residual`` and hand back the new one.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
-
+from swarmd.kernels import QuantizedBlocks, dequantize_int4, dequantize_int8, quantize_int4_ef, quantize_int8_ef
+from swarmd.kernels.blocks import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, codes_nbytes, num_blocks
 from swarmd.protocols.errors import ProtocolError
 from swarmd.protocols.limits import Limits
 
@@ -27,7 +33,10 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16"})
 
-CODECS: tuple[str, ...] = ("none", "fp16")
+CODECS: tuple[str, ...] = ("none", "fp16", "int8", "int8-ef", "int4-ef")
+# Blockwise codecs: name -> (bits per code, takes an error-feedback residual).
+QUANT_CODECS: dict[str, tuple[int, bool]] = {"int8": (8, False), "int8-ef": (8, True), "int4-ef": (4, True)}
+SCALE_DTYPE = np.dtype("<f4")
 
 
 @dataclass
@@ -75,7 +84,24 @@ def encode_tensor(
         if dtype_name not in FLOAT_DTYPES:
             raise ValueError(f"codec fp16 needs a float tensor, got {dtype_name}")
         return EncodedTensor(meta, _raw_bytes(tensor.to(torch.float16)))
+    if codec in QUANT_CODECS:
+        if dtype_name not in FLOAT_DTYPES:
+            raise ValueError(f"codec {codec} needs a float tensor, got {dtype_name}")
+        return _encode_blocks(tensor, codec, meta, block_size, residual)
     raise ValueError(f"unknown codec {codec!r}; known: {', '.join(CODECS)}")
+
+
+def _encode_blocks(
+    tensor: torch.Tensor, codec: str, meta: dict[str, Any], block_size: int, residual: torch.Tensor | None
+) -> EncodedTensor:
+    bits, error_feedback = QUANT_CODECS[codec]
+    if residual is not None and not error_feedback:
+        raise ValueError(f"codec {codec} keeps no residual; use an -ef codec for error feedback")
+    quantize = quantize_int8_ef if bits == 8 else quantize_int4_ef
+    q, new_residual = quantize(tensor, residual, block_size=block_size)
+    meta["block_size"] = block_size
+    payload = _raw_bytes(q.codes) + q.scales.cpu().numpy().astype(SCALE_DTYPE, copy=False).tobytes()
+    return EncodedTensor(meta, payload, new_residual if error_feedback else None)
 
 
 def check_meta(meta: Any, limits: Limits) -> tuple[torch.dtype, list[int], int]:
@@ -96,13 +122,30 @@ def check_meta(meta: Any, limits: Limits) -> tuple[torch.dtype, list[int], int]:
     numel = math.prod(shape)
     if numel > limits.max_tensor_elements:
         raise ProtocolError("oversize", f"tensor of {numel} elements exceeds {limits.max_tensor_elements}")
+    if codec in QUANT_CODECS:
+        _check_block_params(meta, codec, dtype_name)
     return DTYPES[dtype_name], shape, numel
+
+
+def _check_block_params(meta: dict[str, Any], codec: str, dtype_name: str) -> None:
+    """Raise ProtocolError("codec") unless a quantized codec's parameters are consistent."""
+    if dtype_name not in FLOAT_DTYPES:
+        raise ProtocolError("codec", f"codec {codec} on a non-float tensor")
+    block_size = meta.get("block_size")
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise ProtocolError("codec", f"codec {codec} needs an integer block_size, got {block_size!r}")
+    if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
+        raise ProtocolError("codec", f"block_size {block_size} outside {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE}")
+    if QUANT_CODECS[codec][0] == 4 and block_size % 2:
+        raise ProtocolError("codec", f"codec {codec} needs an even block_size, got {block_size}")
 
 
 def decode_tensor(meta: Any, payload: bytes | memoryview, limits: Limits) -> torch.Tensor:
     """Decode and validate one tensor. Raises ProtocolError with a reason on any inconsistency."""
     dtype, shape, numel = check_meta(meta, limits)
     codec = meta["codec"]
+    if codec in QUANT_CODECS:
+        return _decode_blocks(meta, payload, dtype, shape, numel)
     wire_dtype = torch.float16 if codec == "fp16" else dtype
     if codec == "fp16" and meta["dtype"] not in FLOAT_DTYPES:
         raise ProtocolError("codec", "codec fp16 on a non-float tensor")
@@ -112,4 +155,32 @@ def decode_tensor(meta: Any, payload: bytes | memoryview, limits: Limits) -> tor
     tensor = _from_raw(payload, wire_dtype, shape).to(dtype)
     if meta["dtype"] in FLOAT_DTYPES and not bool(torch.isfinite(tensor).all()):
         raise ProtocolError("nonfinite", "tensor holds NaN or Inf")
+    return tensor
+
+
+def _decode_blocks(
+    meta: dict[str, Any], payload: bytes | memoryview, dtype: torch.dtype, shape: list[int], numel: int
+) -> torch.Tensor:
+    """Decode a quantized payload whose meta already passed check_meta."""
+    codec, block_size = meta["codec"], meta["block_size"]
+    bits = QUANT_CODECS[codec][0]
+    n_codes, n_blocks = codes_nbytes(numel, bits), num_blocks(numel, block_size)
+    expected = n_codes + n_blocks * SCALE_DTYPE.itemsize
+    if len(payload) != expected:
+        raise ProtocolError(
+            "shape", f"payload is {len(payload)} bytes, shape {shape} with block_size {block_size} needs {expected}"
+        )
+    codes = torch.from_numpy(np.frombuffer(payload, dtype=np.int8 if bits == 8 else np.uint8, count=n_codes).copy())
+    scales_np = np.frombuffer(payload, dtype=SCALE_DTYPE, count=n_blocks, offset=n_codes)
+    if not np.isfinite(scales_np).all():
+        raise ProtocolError("nonfinite", "block scales hold NaN or Inf")
+    if (scales_np < 0).any():
+        raise ProtocolError("codec", "negative block scale")
+    scales = torch.from_numpy(scales_np.astype(np.float32))  # astype copies into a native, writable array
+    q = QuantizedBlocks(codes, scales, numel, block_size, bits)
+    decoded = dequantize_int8(q) if bits == 8 else dequantize_int4(q)
+    tensor = decoded.view(shape).to(dtype)
+    # Finite scales can still overflow: code * scale past float32, or a cast down to float16.
+    if not bool(torch.isfinite(tensor).all()):
+        raise ProtocolError("nonfinite", "decoded tensor holds NaN or Inf")
     return tensor

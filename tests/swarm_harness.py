@@ -12,9 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from swarmd.daemon.demo import Child, start_child, stop_children, wait_ready
+from swarmd.daemon.demo import Child, read_metrics, start_child, stop_children, wait_ready
 
 LOCAL = ["--host", "127.0.0.1", "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--progress-every", "2"]
 SUMMARY_RE = re.compile(r"summary: stage (\d+) inner steps (\d+) samples (\d+) loss first ([0-9.]+) last ([0-9.]+)")
@@ -79,14 +77,7 @@ class Swarm:
 
     def metrics(self, name: str) -> dict[str, float]:
         """Scrape a node's /metrics into {'name{label="v"}': value}."""
-        port = self.ready[name]["metrics_port"]
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        values = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-                values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-        return values
+        return read_metrics(self.ready[name]["metrics_port"])
 
     def metrics_text(self, name: str) -> str:
         port = self.ready[name]["metrics_port"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from swarm_harness import SUMMARY_RE, swarm, wait_for, write_spec
+from swarmd.daemon.demo import stop_children, wait_all_steps
 
 pytestmark = pytest.mark.slow
 
@@ -25,17 +26,16 @@ def test_seed_and_four_volunteers_train(tmp_path: Path, swarm_env: dict[str, str
     with swarm(tmp_path, swarm_env) as s:
         s.start_seed(spec, "--no-train")
         names = [f"v{i}" for i in range(4)]
-        s.join_all({name: ["--stage", str(i % 2), "--max-steps", str(steps)] for i, name in enumerate(names)})
-        wait_for(lambda: all(s.metrics(n)["swarmd_samples_total"] > 0 for n in names), 60, "every replica to work")
-        first = {n: s.metrics(n) for n in names}
-        time.sleep(2)
-        second = {n: s.metrics(n) for n in names}
+        s.join_all({name: ["--stage", str(i % 2)] for i, name in enumerate(names)})
+        counters = ("swarmd_samples_total", "swarmd_tokens_total", "swarmd_inner_steps_total")
+        first = {n: s.metrics(n) for n in names}  # right after start: every node is alive
         for n in names:  # counters advance on every node while it trains
-            for counter in ("swarmd_samples_total", "swarmd_tokens_total", "swarmd_inner_steps_total"):
-                assert second[n][counter] > first[n][counter], (n, counter)
-        assert sum(second[n]['swarmd_sent_bytes_total{channel="activations"}'] for n in ("v0", "v2")) > 0
-        assert sum(second[n]['swarmd_sent_bytes_total{channel="gradients"}'] for n in ("v1", "v3")) > 0
-        wait_for(lambda: all(s.child(n).process.poll() is not None for n in names), 240, "100 inner steps")
+            wait_for(lambda: all(s.metrics(n)[c] > first[n][c] for c in counters), 60, f"{n}'s counters to advance")
+        second = {n: s.metrics(n) for n in names if s.child(n).process.poll() is None}
+        assert any(m['swarmd_sent_bytes_total{channel="activations"}'] > 0 for n, m in second.items() if n in ("v0", "v2"))
+        assert any(m['swarmd_sent_bytes_total{channel="gradients"}'] > 0 for n, m in second.items() if n in ("v1", "v3"))
+        wait_all_steps([s.child(n) for n in ["seed", *names]], [s.ready[n]["metrics_port"] for n in names], steps, 240)
+        stop_children(s.children)  # SIGTERM: each node prints its summary and exits 0
         for n in names:
             assert s.child(n).process.returncode == 0, s.output(n)
             match = SUMMARY_RE.search(s.output(n))

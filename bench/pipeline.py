@@ -1,0 +1,128 @@
+"""Pipeline throughput: a plain torch loop vs a 1-peer swarm vs the 2x2 demo swarm, measured in one run.
+
+    python bench/pipeline.py [--seconds 20] [--threads 1]
+
+(a) plain single-process torch training loop on the same model, microbatch and optimizer;
+(b) a 1-peer swarm: `swarmd seed` with one stage, training alone (daemon, compute lane, metrics, DHT);
+(c) the demo swarm: seed + 4 volunteers, 2 stages x 2 replicas, separate processes on 127.0.0.1.
+Swarm rates come from the nodes' own swarmd_samples_total counters over a steady window after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from swarmd.daemon.demo import read_metrics, start_child, stop_children, wait_ready
+from swarmd.daemon.spec import DEFAULT_SPEC_PATH, RunSpec
+from swarmd.swarm.data import ShardSampler, builtin_corpus, split_corpus
+from swarmd.swarm.model import build_stage, lm_loss
+from swarmd.swarm.stage import optimizer_param_groups
+
+LOCAL = ["--host", "127.0.0.1", "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--progress-every", "60"]
+
+
+def plain_loop(spec: RunSpec, seconds: float, threads: int) -> float:
+    """(a) samples/s of the same training step with nothing around it."""
+    torch.set_num_threads(threads)
+    model = build_stage(spec.model, 0, 1, spec.seed)
+    o = spec.optimizer
+    opt = torch.optim.AdamW(optimizer_param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2))
+    train, _ = split_corpus(builtin_corpus(), spec.data.val_fraction)
+    p = spec.pipeline
+    sampler = ShardSampler(train, p.seq_len, p.microbatch_size, 0, spec.data.shards, spec.seed)
+
+    def step() -> None:
+        inputs, targets = sampler.next_batch()
+        loss = lm_loss(model(inputs), targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(10):
+        step()
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step()
+        steps += 1
+    return steps * p.microbatch_size / (time.perf_counter() - start)
+
+
+def swarm_rate(ports: list[int], warmup_samples: float, seconds: float) -> float:
+    """samples/s summed over ``ports`` (each sample counted once: pass the last stage's nodes)."""
+    def total() -> float:
+        return sum(read_metrics(port)["swarmd_samples_total"] for port in ports)
+
+    deadline = time.monotonic() + 120
+    while total() < warmup_samples:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the swarm did not warm up in 120 s")
+        time.sleep(0.5)
+    s1, t1 = total(), time.monotonic()
+    time.sleep(seconds)
+    return (total() - s1) / (time.monotonic() - t1)
+
+
+def one_peer_swarm(spec_path: Path, root: Path, env: dict, seconds: float, threads: int) -> float:
+    """(b) `swarmd seed` alone with a one-stage copy of the spec."""
+    one_stage = root / "one_stage.toml"
+    one_stage.write_text(spec_path.read_text().replace("stages = 2", "stages = 1"))
+    child = start_child("seed1", ["seed", str(one_stage), *LOCAL, "--threads", str(threads)], root / "seed1", env)
+    try:
+        info = wait_ready(child, 90)
+        return swarm_rate([info["metrics_port"]], 80, seconds)
+    finally:
+        stop_children([child])
+
+
+def demo_swarm(spec_path: Path, root: Path, env: dict, seconds: float, volunteers: int = 4) -> float:
+    """(c) seed + volunteers, stage i mod 2, one thread each (as `swarmd demo` runs them)."""
+    children = [start_child("seed", ["seed", str(spec_path), "--no-train", *LOCAL], root / "seed", env)]
+    try:
+        seed_addr = wait_ready(children[0], 90)["maddrs"][0]
+        for i in range(volunteers):
+            children.append(start_child(
+                f"v{i}", ["join", seed_addr, *LOCAL, "--stage", str(i % 2), "--threads", "1"], root / f"v{i}", env))
+        infos = [wait_ready(c, 90) for c in children[1:]]
+        last_stage = [info["metrics_port"] for info in infos if info["stage"] == 1]
+        return swarm_rate(last_stage, 160, seconds)
+    finally:
+        stop_children(children)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=20.0, help="measurement window per setup (default 20)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for (a) and (b) (default 1)")
+    parser.add_argument("--spec", type=Path, default=DEFAULT_SPEC_PATH, help="run spec (default: embedded demo)")
+    args = parser.parse_args()
+    spec = RunSpec.load(args.spec)
+    with tempfile.TemporaryDirectory(prefix="swarmd-bench-") as tmp:
+        root = Path(tmp)
+        (root / "sockets").mkdir()
+        env = {**os.environ, "TMPDIR": str(root / "sockets"), "HIVEMIND_LOGLEVEL": "ERROR", "PYTHONUNBUFFERED": "1"}
+        print(f"model dim {spec.model.dim} x {spec.model.n_layers} layers, microbatch {spec.pipeline.microbatch_size}"
+              f" x {spec.pipeline.seq_len} tokens; {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
+              f", torch {torch.__version__}; {args.seconds:.0f} s per setup", file=sys.stderr)
+        a = plain_loop(spec, args.seconds, args.threads)
+        b = one_peer_swarm(args.spec, root, env, args.seconds, args.threads)
+        c = demo_swarm(args.spec, root, env, args.seconds)
+    rows = [("(a) plain torch loop, 1 process", a), ("(b) 1-peer swarm (swarmd seed, 1 stage)", b),
+            ("(c) demo swarm: seed + 2x2 volunteers", c)]
+    print(f"| setup | samples/s | ratio to (a) |\n|---|---:|---:|")
+    for name, rate in rows:
+        print(f"| {name} | {rate:.1f} | {rate / a:.2f} |")
+    print(f"\n(b)/(a) = {b / a:.3f} (target >= 0.9); (c)/(b) = {c / b:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
