@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from swarmd.daemon.demo import read_metrics, start_child, stop_children, wait_ready
 from swarmd.daemon.spec import DEFAULT_SPEC_PATH, RunSpec
 from swarmd.swarm.data import ShardSampler, builtin_corpus, split_corpus
@@ -117,7 +116,7 @@ def main() -> int:
         c = demo_swarm(args.spec, root, env, args.seconds)
     rows = [("(a) plain torch loop, 1 process", a), ("(b) 1-peer swarm (swarmd seed, 1 stage)", b),
             ("(c) demo swarm: seed + 2x2 volunteers", c)]
-    print(f"| setup | samples/s | ratio to (a) |\n|---|---:|---:|")
+    print("| setup | samples/s | ratio to (a) |\n|---|---:|---:|")
     for name, rate in rows:
         print(f"| {name} | {rate:.1f} | {rate / a:.2f} |")
     print(f"\n(b)/(a) = {b / a:.3f} (target >= 0.9); (c)/(b) = {c / b:.3f}")

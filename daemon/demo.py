@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
-
 from swarmd.daemon.spec import RunSpec
 
 LOSS_RE = re.compile(r"\[stage (\d+)/\d+\] step (\d+) \| loss ([0-9.naninf]+)")

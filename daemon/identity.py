@@ -45,7 +45,7 @@ class NodeIdentity:
     private_key: rsa.RSAPrivateKey
 
     @classmethod
-    def load_or_create(cls, node_dir: Path) -> "NodeIdentity":
+    def load_or_create(cls, node_dir: Path) -> NodeIdentity:
         """Read ``node_dir/identity.key``, creating a fresh key there on first use."""
         node_dir.mkdir(parents=True, exist_ok=True)
         path = node_dir / IDENTITY_FILE

@@ -5,7 +5,6 @@ from __future__ import annotations
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
-
 from swarmd.protocols.errors import REJECT_REASONS
 
 CHANNELS = ("activations", "gradients", "averaging", "state")

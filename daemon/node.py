@@ -20,7 +20,6 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.timed_storage import get_dht_time
-
 from swarmd.daemon.compute import ComputeLane, ThroughputMeter
 from swarmd.daemon.identity import NodeIdentity
 from swarmd.daemon.metrics import MetricsServer, NodeMetrics
@@ -84,7 +83,7 @@ class Node:
         self.lane: ComputeLane | None = None
 
     @classmethod
-    async def create(cls, options: NodeOptions) -> "Node":
+    async def create(cls, options: NodeOptions) -> Node:
         self = cls()
         try:
             await self._setup(options)

@@ -7,7 +7,6 @@ import logging
 
 from hivemind.dht.node import DHTNode
 from hivemind.utils.timed_storage import get_dht_time
-
 from swarmd.daemon.records import Heartbeat, peers_from_record, stage_key
 from swarmd.swarm.routing import PeerInfo
 

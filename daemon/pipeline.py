@@ -18,7 +18,6 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import torch
-
 from swarmd.daemon.compute import ComputeLane, ThroughputMeter
 from swarmd.daemon.metrics import NodeMetrics
 from swarmd.daemon.peers import PeerTable
@@ -161,11 +160,8 @@ class PipelineService:
             output, seconds = await self.lane.run_timed(self.worker.forward, mb_id, activations, held.deadline)
             held.output_shape = tuple(output.shape)
             held.forward_s = seconds
-            downstream = await self._send_forward(mb_id, output, targets, held.route, held.deadline)
-            if downstream is None:
+            if await self._send_forward(mb_id, output, targets, held) is None:
                 self._drop(mb_id)
-            elif mb_id in self.held:
-                held.downstream = downstream
         except Exception:
             logger.exception("forward of a microbatch failed here")
             self._drop(mb_id)
@@ -189,9 +185,14 @@ class PipelineService:
             await self._send_backward(held.sender, mb_id, self.stage - 1, loss, grad_in)
 
     async def _send_forward(
-        self, mb_id: bytes, output: torch.Tensor, targets: torch.Tensor, route: list[str], deadline: float
+        self, mb_id: bytes, output: torch.Tensor, targets: torch.Tensor, held: HeldMicrobatch
     ) -> str | None:
-        """Hand the microbatch to a next-stage peer, rerouting around failures. Returns who took it."""
+        """Hand the microbatch to a next-stage peer, rerouting around failures. Returns who took it.
+
+        ``held.downstream`` names the peer before the request leaves: a fast next stage can send the
+        gradient back before our coroutine resumes from its ack, and that gradient must be accepted.
+        """
+        route, deadline = held.route, held.deadline
         codec = self.spec.compression.activations
         block = self.spec.compression.block_size
         encoded, encoded_targets = await self.lane.run(
@@ -214,6 +215,7 @@ class PipelineService:
                 await asyncio.sleep(BUSY_RETRY_S if all_busy else NO_PEER_RETRY_S)
                 continue
             tried.add(peer.peer_id)
+            held.downstream = peer.peer_id
             try:
                 await self.transport.call(
                     peer.peer_id, rpc.FORWARD, "forward", request,
@@ -222,12 +224,14 @@ class PipelineService:
                 self.bans.record_success(peer.peer_id)
                 return peer.peer_id
             except RemoteError as e:
+                held.downstream = None
                 if e.reason == "busy":
                     continue
                 self._hop_failed(peer.peer_id, f"rejected our forward: {e}")
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                held.downstream = None
                 self._hop_failed(peer.peer_id, f"forward failed: {type(e).__name__}: {e}")
         return None
 
@@ -292,12 +296,10 @@ class PipelineService:
         try:
             output, held.forward_s = await self.lane.run_timed(self.worker.forward, mb_id, inputs, deadline)
             held.output_shape = tuple(output.shape)
-            downstream = await self._send_forward(mb_id, output, targets, held.route, deadline)
-            if downstream is None:
+            if await self._send_forward(mb_id, output, targets, held) is None:
                 self.metrics.microbatches.labels("dropped").inc()
                 self._drop(mb_id)
                 return None
-            held.downstream = downstream
             loss = await asyncio.wait_for(done, max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             self.metrics.microbatches.labels("expired").inc()

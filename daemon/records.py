@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-
 from swarmd.protocols.limits import DEFAULT_LIMITS
 from swarmd.swarm.routing import PeerInfo
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgpack
-
+import tomllib
 from swarmd.daemon.identity import NodeIdentity, peer_id_from_public_key, verify_signature
 from swarmd.protocols.codecs import CODECS
 from swarmd.swarm.model import ModelConfig
@@ -109,7 +108,7 @@ class RunSpec:
         }
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "RunSpec":
+    def from_dict(cls, raw: dict[str, Any]) -> RunSpec:
         """Build from the TOML-shaped dict; unknown sections or keys are errors, not silently ignored."""
         if not isinstance(raw, dict):
             raise SpecError("run spec must be a table")
@@ -143,7 +142,7 @@ class RunSpec:
             raise SpecError(str(e)) from e
 
     @classmethod
-    def load(cls, path: str | Path) -> "RunSpec":
+    def load(cls, path: str | Path) -> RunSpec:
         """Read a RUN.toml file."""
         path = Path(path)
         try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from swarmd.daemon.compute import ComputeLane
 from swarmd.daemon.transport import Transport
 from swarmd.protocols import rpc

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import tempfile
-from pathlib import Path
 
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 from hivemind.utils.multiaddr import Multiaddr
-
 from swarmd.daemon.metrics import NodeMetrics
 from swarmd.daemon.peers import PeerTable
 from swarmd.daemon.spec import RunSpec, verify_spec_record
@@ -38,30 +35,29 @@ def format_swarm(spec: RunSpec, table: PeerTable) -> str:
 async def run_status(maddrs: list[str], seed_ids: list[str], watch_s: float) -> int:
     """Print the swarm once, or every ``watch_s`` seconds until interrupted."""
     local = all("/ip4/127." in m for m in maddrs)
-    with tempfile.TemporaryDirectory() as tmp:
-        p2p = await P2P.create(
-            initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0" if local else "/ip4/0.0.0.0/tcp/0"],
-            nat_port_map=False, auto_nat=False, dht_mode="client",
+    p2p = await P2P.create(
+        initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0" if local else "/ip4/0.0.0.0/tcp/0"],
+        nat_port_map=False, auto_nat=False, dht_mode="client",
+    )
+    dht = None
+    try:
+        dht = await DHTNode.create(p2p=p2p, initial_peers=maddrs, client_mode=True)
+        transport = Transport(p2p, NodeMetrics(), DEFAULT_LIMITS)
+        trusted = set(seed_ids) | {Multiaddr(m).get("p2p") for m in maddrs}
+        reply = await transport.call(
+            Multiaddr(maddrs[0]).get("p2p"), rpc.SPEC, "spec", encode_message("spec_request", {}),
+            timeout=15, expected_kinds=("spec",),
         )
-        dht = None
-        try:
-            dht = await DHTNode.create(p2p=p2p, initial_peers=maddrs, client_mode=True)
-            transport = Transport(p2p, NodeMetrics(), DEFAULT_LIMITS)
-            trusted = set(seed_ids) | {Multiaddr(m).get("p2p") for m in maddrs}
-            reply = await transport.call(
-                Multiaddr(maddrs[0]).get("p2p"), rpc.SPEC, "spec", encode_message("spec_request", {}),
-                timeout=15, expected_kinds=("spec",),
-            )
-            spec, _ = verify_spec_record(reply.fields["record"], trusted)
-            table = PeerTable(spec.pipeline.stages)
-            while True:
-                await table.refresh(dht, spec.run_id)
-                print(format_swarm(spec, table), flush=True)
-                if watch_s <= 0:
-                    return 0
-                await asyncio.sleep(watch_s)
-                print()
-        finally:
-            if dht is not None:
-                await dht.shutdown()
-            await p2p.shutdown()
+        spec, _ = verify_spec_record(reply.fields["record"], trusted)
+        table = PeerTable(spec.pipeline.stages)
+        while True:
+            await table.refresh(dht, spec.run_id)
+            print(format_swarm(spec, table), flush=True)
+            if watch_s <= 0:
+                return 0
+            await asyncio.sleep(watch_s)
+            print()
+    finally:
+        if dht is not None:
+            await dht.shutdown()
+        await p2p.shutdown()

@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 
 from hivemind.p2p import P2P, PeerID
-
 from swarmd.daemon.metrics import NodeMetrics
 from swarmd.protocols.errors import ProtocolError
 from swarmd.protocols.limits import Limits

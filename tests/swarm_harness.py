@@ -9,8 +9,8 @@ import contextlib
 import re
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from swarmd.daemon.demo import Child, read_metrics, start_child, stop_children, wait_ready
 

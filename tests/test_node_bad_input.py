@@ -13,11 +13,9 @@ import sys
 from pathlib import Path
 
 import msgpack
-import numpy as np
 import pytest
 import torch
 from hivemind.p2p import P2P, PeerID
-
 from swarm_harness import swarm, write_spec
 from swarmd.protocols import rpc
 from swarmd.protocols.codecs import encode_tensor

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import msgpack
 import pytest
-
 from swarmd.daemon.identity import NodeIdentity
 from swarmd.daemon.records import Heartbeat, decode_heartbeat
 from swarmd.daemon.spec import DEFAULT_SPEC_PATH, RunSpec, SpecError, sign_spec, verify_spec_record

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from swarm_harness import SUMMARY_RE, swarm, wait_for, write_spec
 from swarmd.daemon.demo import stop_children, wait_all_steps
 
