@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from swarmd.daemon.spec import RunSpec
 
 LOSS_RE = re.compile(r"\[stage (\d+)/\d+\] step (\d+) \| loss ([0-9.naninf]+)")
+SUMMARY_RE = re.compile(r"summary: stage (\d+) inner steps (\d+) samples (\d+) loss first ([0-9.]+) last ([0-9.]+)")
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Child:
     node_dir: Path
     losses: list[float] = field(default_factory=list)
     stage: int | None = None
+    summary: tuple[float, float] | None = None  # (first loss, mean of the last losses) printed at stop
     lines: deque[str] = field(default_factory=lambda: deque(maxlen=2000))
 
 
@@ -45,6 +47,8 @@ def _relay(child: Child) -> None:
     for line in child.process.stdout:
         line = line.rstrip()
         child.lines.append(line)
+        if summary := SUMMARY_RE.search(line):
+            child.summary = (float(summary.group(4)), float(summary.group(5)))
         if match := LOSS_RE.search(line):
             child.stage = int(match.group(1))
             loss = float(match.group(3))
@@ -174,9 +178,12 @@ def run_demo(args: argparse.Namespace) -> int:
         failed = [v.name.strip() for v in volunteers if v.process.returncode != 0]
         elapsed = time.monotonic() - started
         print(f"[demo] done in {elapsed:.0f} s", flush=True)
+        time.sleep(0.2)  # let the relay threads print the nodes' last lines
         for v in volunteers:
-            if v.losses and v.stage == stages - 1:
-                print(f"[demo] {v.name.strip()} (stage {v.stage}) loss {v.losses[0]:.3f} -> {v.losses[-1]:.3f}")
+            if v.summary is not None and v.stage == stages - 1:
+                first, last = v.summary
+                print(f"[demo] {v.name.strip()} (stage {v.stage}): loss {first:.3f} at its first microbatch, "
+                      f"{last:.3f} over its last ten", flush=True)
         if failed:
             print(f"[demo] volunteers that failed: {', '.join(failed)}", flush=True)
             return 1

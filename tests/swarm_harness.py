@@ -6,16 +6,14 @@ Built on the demo launcher's own process helpers, so the tests start nodes exact
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from swarmd.daemon.demo import Child, read_metrics, start_child, stop_children, wait_ready
+from swarmd.daemon.demo import SUMMARY_RE, Child, read_metrics, start_child, stop_children, wait_ready
 
 LOCAL = ["--host", "127.0.0.1", "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--progress-every", "2"]
-SUMMARY_RE = re.compile(r"summary: stage (\d+) inner steps (\d+) samples (\d+) loss first ([0-9.]+) last ([0-9.]+)")
 
 
 def write_spec(path: Path, *, deadline_s: float = 60.0, hop_timeout_s: float = 10.0, stages: int = 2,
