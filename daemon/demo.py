@@ -25,7 +25,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 from swarmd.daemon.spec import RunSpec
 
-LOSS_RE = re.compile(r"\[stage (\d+)/\d+\] step (\d+) \| loss ([0-9.naninf]+)")
+STAGE_RE = re.compile(r"\[stage (\d+)/\d+\] step")
 SUMMARY_RE = re.compile(r"summary: stage (\d+) inner steps (\d+) samples (\d+) loss first ([0-9.]+) last ([0-9.]+)")
 
 
@@ -36,7 +36,6 @@ class Child:
     name: str
     process: subprocess.Popen
     node_dir: Path
-    losses: list[float] = field(default_factory=list)
     stage: int | None = None
     summary: tuple[float, float] | None = None  # (first loss, mean of the last losses) printed at stop
     lines: deque[str] = field(default_factory=lambda: deque(maxlen=2000))
@@ -49,11 +48,8 @@ def _relay(child: Child) -> None:
         child.lines.append(line)
         if summary := SUMMARY_RE.search(line):
             child.summary = (float(summary.group(4)), float(summary.group(5)))
-        if match := LOSS_RE.search(line):
+        if match := STAGE_RE.search(line):
             child.stage = int(match.group(1))
-            loss = float(match.group(3))
-            if loss == loss:  # skip nan (no microbatch finished yet)
-                child.losses.append(loss)
         print(f"[{child.name}] {line}", flush=True)
 
 

@@ -14,7 +14,7 @@ import logging
 import os
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -57,13 +57,14 @@ class PipelineStats:
 
     completed: int = 0  # microbatches this driver saw through
     last_loss: float = float("nan")
-    losses: list[float] = field(default_factory=list)  # every loss this node computed or received
+    first_loss: float | None = None
+    recent_losses: deque[float] = field(default_factory=lambda: deque(maxlen=10))  # bounded: nodes run for days
 
     def summary(self) -> str:
-        if not self.losses:
+        if self.first_loss is None:
             return "no loss recorded"
-        tail = self.losses[-10:]
-        return f"loss first {self.losses[0]:.4f} last {sum(tail) / len(tail):.4f} (mean of last {len(tail)})"
+        tail = self.recent_losses
+        return f"loss first {self.first_loss:.4f} last {sum(tail) / len(tail):.4f} (mean of last {len(tail)})"
 
 
 class PipelineService:
@@ -329,7 +330,9 @@ class PipelineService:
 
     def _record_loss(self, loss: float) -> None:
         self.stats.last_loss = loss
-        self.stats.losses.append(loss)
+        if self.stats.first_loss is None:
+            self.stats.first_loss = loss
+        self.stats.recent_losses.append(loss)
         self.metrics.loss.set(loss)
 
     def _record_ratio(self, channel: str, tensor: torch.Tensor, payload: bytes) -> None:
