@@ -6,9 +6,10 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from swarmd.protocols.errors import REJECT_REASONS
+from swarmd.protocols.rpc import METRIC_LABELS
 
 CHANNELS = ("activations", "gradients", "averaging", "state")
-RPCS = ("forward", "backward", "info", "spec", "state")
+RPCS = tuple(METRIC_LABELS.values())
 MICROBATCH_RESULTS = ("completed", "dropped", "expired")
 OUTER_RESULTS = ("paired", "solo", "rejected", "failed")
 # Latency buckets from loopback (sub-ms) to slow volunteer links (tens of seconds).
@@ -25,6 +26,17 @@ class NodeMetrics:
         self.num_stages = Gauge("swarmd_stages", "Number of pipeline stages in the run", registry=r)
         self.inner_steps = Counter("swarmd_inner_steps", "Inner optimizer steps taken", registry=r)
         self.outer_steps = Counter("swarmd_outer_steps", "Outer steps by result", ["result"], registry=r)
+        self.outer_exchange = Histogram(
+            "swarmd_outer_exchange_duration_seconds", "Swap of outer payloads with a partner, first chunk to verdict",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.partner_wait = Histogram(
+            "swarmd_outer_partner_wait_seconds", "Time from an outer boundary until paired (or the deadline)",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.divergence = Gauge(
+            "swarmd_replica_divergence", "||phi - phi_partner|| / ||phi|| at the latest exchange", registry=r
+        )
         self.samples = Counter("swarmd_samples", "Samples processed by this node's stage", registry=r)
         self.tokens = Counter("swarmd_tokens", "Tokens processed by this node's stage", registry=r)
         self.loss = Gauge("swarmd_loss", "Training loss of the latest completed microbatch", registry=r)

@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from hivemind.utils.timed_storage import get_dht_time
 from swarmd.daemon.compute import ComputeLane, ThroughputMeter
 from swarmd.daemon.identity import NodeIdentity
 from swarmd.daemon.metrics import MetricsServer, NodeMetrics
+from swarmd.daemon.outer import NoLoCoService
 from swarmd.daemon.peers import PeerTable, announce
 from swarmd.daemon.pipeline import PipelineService
 from swarmd.daemon.records import Heartbeat, spec_key
@@ -35,6 +37,7 @@ from swarmd.protocols.wire import PROTOCOL_VERSION, Message, encode_message
 from swarmd.swarm.balancing import choose_stage
 from swarmd.swarm.data import ShardSampler, builtin_corpus, load_corpus, split_corpus
 from swarmd.swarm.model import build_stage
+from swarmd.swarm.outer import ParameterReplica
 from swarmd.swarm.stage import StageWorker
 
 logger = logging.getLogger(__name__)
@@ -81,6 +84,7 @@ class Node:
         self.dht: DHTNode | None = None
         self.p2p: P2P | None = None
         self.lane: ComputeLane | None = None
+        self.outer: NoLoCoService | None = None
 
     @classmethod
     async def create(cls, options: NodeOptions) -> Node:
@@ -173,6 +177,14 @@ class Node:
         )
         self.metrics.throughput.set(meter.value)
         await self.pipeline.register()
+        if spec.outer == "noloco":
+            self.outer = NoLoCoService(
+                run_id=spec.run_id, stage=stage, peer_id=self.peer_id, config=spec.averaging,
+                codec=spec.compression.averaging, block_size=spec.compression.block_size,
+                transport=self.transport, dht=self.dht, lane=self.lane, replica=ParameterReplica(self.worker.model),
+                metrics=self.metrics, limits=DEFAULT_LIMITS, rng=random.Random(),
+            )
+            await self.outer.start()
 
     # ---- spec ----------------------------------------------------------------------------------
 
@@ -239,6 +251,8 @@ class Node:
             self._tasks.append(asyncio.create_task(self._sweep_loop()))
             if self.stage == 0:
                 self._tasks.append(asyncio.create_task(self.pipeline.drive(self.stop_event)))
+        if self.outer is not None:
+            self._tasks.append(asyncio.create_task(self.outer.run(lambda: self.worker.inner_step, self.stop_event)))
         if self.options.duration_s > 0:
             self._tasks.append(asyncio.create_task(self._stop_after(self.options.duration_s)))
         await self.stop_event.wait()
@@ -297,8 +311,9 @@ class Node:
             rate = (samples - last_samples) / max(now - last_time, 1e-9)
             last_samples, last_time = samples, now
             loss = self.pipeline.stats.last_loss
+            outer = f" | outer {self.outer.state.outer_step}" if self.outer is not None else ""
             print(
-                f"[stage {self.stage}/{self.spec.pipeline.stages}] step {self.worker.inner_step} | loss {loss:.4f} | "
+                f"[stage {self.stage}/{self.spec.pipeline.stages}] step {self.worker.inner_step}{outer} | loss {loss:.4f} | "
                 f"{rate:.1f} samples/s | peers per stage {peers} | queue {self.lane.depth} | "
                 f"held {len(self.pipeline.held)}",
                 flush=True,
@@ -308,8 +323,27 @@ class Node:
         """One line on what this node did, printed at stop (the demo and the tests read it)."""
         if self.pipeline is None:
             return f"summary: run {self.spec.run_id} seed, served the spec"
+        outer = ""
+        if self.outer is not None:
+            counts = Counter(self.outer.results)
+            outer = " outer " + " ".join(f"{r} {counts[r]}" for r in ("paired", "solo", "rejected", "failed"))
         return (f"summary: stage {self.stage} inner steps {self.worker.inner_step} samples "
-                f"{self.worker.samples_processed} {self.pipeline.stats.summary()}")
+                f"{self.worker.samples_processed} {self.pipeline.stats.summary()}{outer}")
+
+    def save_checkpoint(self) -> Path | None:
+        """node_dir/checkpoint.pt: this stage's weights, inner step and outer state (written at stop)."""
+        if self.worker is None:
+            return None
+        checkpoint = {
+            "run_id": self.spec.run_id, "stage": self.stage, "inner_step": self.worker.inner_step,
+            "model": self.worker.model.state_dict(),
+            "phi": self.outer.state.phi if self.outer is not None else None,
+            "delta": self.outer.state.delta if self.outer is not None else None,
+        }
+        path = self.options.node_dir / "checkpoint.pt"
+        torch.save(checkpoint, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").rename(path)
+        return path
 
     async def close(self) -> None:
         """Stop everything this node started, p2pd included. Safe to call more than once."""
@@ -320,6 +354,11 @@ class Node:
         self._tasks = []
         if self.pipeline is not None:
             await self.pipeline.close()
+        if self.lane is not None:
+            try:  # on the lane: no inner step runs while the weights are copied
+                await self.lane.run(self.save_checkpoint)
+            except Exception as e:
+                logger.warning("could not write the checkpoint: %s", e)
         if self.metrics_server is not None:
             self.metrics_server.close()
             self.metrics_server = None

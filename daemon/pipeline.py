@@ -362,9 +362,8 @@ class PipelineService:
         now = time.monotonic()
         expired = [mb_id for mb_id, held in self.held.items() if held.deadline < now]
         for mb_id in expired:
-            done = self.held[mb_id].done
-            if done is not None and not done.done():
-                done.set_exception(asyncio.TimeoutError())
+            # a driver's own wait on ``done`` times out at the same deadline; no exception is set
+            # here, as the driver may still be rerouting the hop and never await the future
             self._drop(mb_id)
         return len(expired)
 

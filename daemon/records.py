@@ -19,6 +19,36 @@ def stage_key(run_id: str, stage: int) -> str:
     return f"swarmd/{run_id}/stage/{stage}"
 
 
+def ready_key(run_id: str, stage: int) -> str:
+    """The stage's ready board: one short-lived subkey per replica waiting at an outer boundary."""
+    return f"swarmd/{run_id}/ready/{stage}"
+
+
+def encode_ready(outer_step: int, numel: int) -> bytes:
+    return msgpack.packb({"outer": outer_step, "numel": numel}, use_bin_type=True)
+
+
+def ready_peers(record: Any, numel: int) -> list[str]:
+    """Peer ids on a ready board record whose entry is well formed and of our parameter count."""
+    if record is None or not isinstance(record.value, dict):
+        return []
+    peers = []
+    for subkey, item in record.value.items():
+        if not isinstance(subkey, str) or len(subkey) > 128:
+            continue
+        value = item.value
+        if not isinstance(value, bytes) or len(value) > 256:
+            continue
+        try:
+            raw = msgpack.unpackb(value, raw=False, max_map_len=4, max_str_len=64)
+            ok = isinstance(raw, dict) and raw.get("numel") == numel
+        except (ValueError, TypeError, msgpack.ExtraData):
+            ok = False
+        if ok:
+            peers.append(subkey)
+    return peers
+
+
 @dataclass(frozen=True)
 class Heartbeat:
     """What a serving peer announces about itself under its stage's key (subkey: its peer id)."""

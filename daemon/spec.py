@@ -61,7 +61,27 @@ class CompressionConfig:
 
     activations: str = "int8"
     gradients: str = "int8"
+    averaging: str = "int8-ef"  # outer-step payloads (phi and theta - phi)
     block_size: int = 256
+
+
+OUTER_METHODS = ("noloco", "diloco", "none")
+
+
+@dataclass(frozen=True)
+class AveragingConfig:
+    """The outer step every ``inner_steps`` inner steps (see swarmd.swarm.noloco and swarmd.swarm.diloco)."""
+
+    inner_steps: int = 50  # H
+    beta: float = 0.7  # NoLoCo: weight of the pair's mean pseudo-gradient (outer learning rate)
+    gamma: float = 0.7  # NoLoCo: pull toward the pair's mean outer weights
+    mu: float = 0.5  # NoLoCo: outer momentum
+    diloco_lr: float = 0.7  # DiLoCo: outer Nesterov SGD
+    diloco_momentum: float = 0.9
+    pair_timeout_s: float = 10.0  # wait this long at a boundary for a partner, then step solo
+    exchange_timeout_s: float = 60.0  # the whole swap of payloads with a partner
+    chunk_elements: int = 1 << 20  # elements per exchanged chunk (per tensor)
+    max_norm_ratio: float = 10.0  # reject a partner whose phi or progress norm exceeds this x our phi's
 
 
 @dataclass(frozen=True)
@@ -75,6 +95,8 @@ class RunSpec:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    outer: str = "noloco"  # how replicas of a stage stay consistent: "noloco", "diloco" or "none"
+    averaging: AveragingConfig = field(default_factory=AveragingConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.run_id) and len(self.run_id) <= 64 and self.run_id.replace("-", "").replace("_", "").isalnum(),
@@ -92,19 +114,31 @@ class RunSpec:
         _check(self.data.source == "builtin" or bool(self.data.paths), "data.source = 'files' needs data.paths")
         _check(0 < self.data.val_fraction < 0.5, "data.val_fraction must be in (0, 0.5)")
         _check(1 <= self.data.shards <= 4096, "data.shards must be in 1..4096")
-        for channel in ("activations", "gradients"):
+        for channel in ("activations", "gradients", "averaging"):
             codec = getattr(self.compression, channel)
             _check(codec in CODECS, f"compression.{channel} = {codec!r}; known codecs: {', '.join(CODECS)}")
+        a = self.averaging
+        _check(self.outer in OUTER_METHODS, f"run.outer = {self.outer!r}; known: {', '.join(OUTER_METHODS)}")
+        _check(1 <= a.inner_steps <= 1_000_000, "averaging.inner_steps must be in 1..1000000")
+        _check(all(0 <= x <= 2 for x in (a.beta, a.gamma)) and 0 <= a.mu < 1,
+               "averaging: need 0 <= beta, gamma <= 2 and 0 <= mu < 1")
+        _check(a.diloco_lr > 0 and 0 <= a.diloco_momentum < 1, "averaging: need diloco_lr > 0, 0 <= diloco_momentum < 1")
+        _check(a.pair_timeout_s > 0 and a.exchange_timeout_s > 0, "averaging timeouts must be > 0")
+        _check(1024 <= a.chunk_elements <= 1 << 24, "averaging.chunk_elements must be in 1024..16777216")
+        _check(a.chunk_elements % self.compression.block_size == 0,
+               "averaging.chunk_elements must be a multiple of compression.block_size")
+        _check(a.max_norm_ratio > 1, "averaging.max_norm_ratio must be > 1")
 
     def to_dict(self) -> dict[str, Any]:
         """The TOML-shaped dict (also what is signed and published)."""
         return {
-            "run": {"id": self.run_id, "seed": self.seed},
+            "run": {"id": self.run_id, "seed": self.seed, "outer": self.outer},
             "model": self.model.to_dict(),
             "pipeline": dataclasses.asdict(self.pipeline),
             "optimizer": dataclasses.asdict(self.optimizer),
             "data": {**dataclasses.asdict(self.data), "paths": list(self.data.paths)},
             "compression": dataclasses.asdict(self.compression),
+            "averaging": dataclasses.asdict(self.averaging),
         }
 
     @classmethod
@@ -112,13 +146,13 @@ class RunSpec:
         """Build from the TOML-shaped dict; unknown sections or keys are errors, not silently ignored."""
         if not isinstance(raw, dict):
             raise SpecError("run spec must be a table")
-        known = {"run", "model", "pipeline", "optimizer", "data", "compression"}
+        known = {"run", "model", "pipeline", "optimizer", "data", "compression", "averaging"}
         if unknown := set(raw) - known:
             raise SpecError(f"unknown section(s) {sorted(unknown)}; known: {sorted(known)}")
         run = _table(raw, "run")
         if "id" not in run:
             raise SpecError("[run] needs an id")
-        _no_unknown("run", run, {"id", "seed"})
+        _no_unknown("run", run, {"id", "seed", "outer"})
         try:
             model = ModelConfig.from_dict(_table(raw, "model"))
         except (TypeError, ValueError) as e:
@@ -130,11 +164,13 @@ class RunSpec:
             return cls(
                 run_id=str(run["id"]),
                 seed=int(run.get("seed", 0)),
+                outer=str(run.get("outer", "noloco")),
                 model=model,
                 pipeline=_build(PipelineConfig, "pipeline", _table(raw, "pipeline")),
                 optimizer=_build(OptimizerConfig, "optimizer", _table(raw, "optimizer")),
                 data=_build(DataConfig, "data", data),
                 compression=_build(CompressionConfig, "compression", _table(raw, "compression")),
+                averaging=_build(AveragingConfig, "averaging", _table(raw, "averaging")),
             )
         except SpecError:
             raise

@@ -57,9 +57,14 @@ class Transport:
             writer.close()
 
     async def serve(
-        self, rpc: str, label: str, handler: Handler, expected_kinds: Collection[str], channel: str | None = None
+        self, rpc: str, label: str, handler: Handler, expected_kinds: Collection[str], channel: str | None = None,
+        on_reject: Callable[[str, ProtocolError], None] | None = None,
     ) -> None:
-        """Register ``handler`` for ``rpc``: it gets (caller peer id, validated message), returns the reply."""
+        """Register ``handler`` for ``rpc``: it gets (caller peer id, validated message), returns the reply.
+
+        ``on_reject(peer_id, error)`` is told of every rejected request, including those that never
+        reached the handler (undecodable, non-finite, ...), so a service can react to a bad peer.
+        """
 
         async def on_stream(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             start = time.perf_counter()
@@ -75,10 +80,13 @@ class Transport:
                     self.metrics.rejected.labels(e.reason).inc()
                     logger.info("rejected %s from %s: %s", label, peer_id[-8:], e)
                     reply = error_message(e)
+                    if on_reject is not None:
+                        on_reject(peer_id, e)
                 await write_frame(writer, reply)
                 if channel is not None:
                     self.metrics.bytes_sent.labels(channel).inc(len(reply))
                 self.metrics.handler_latency.labels(label).observe(time.perf_counter() - start)
+                await _linger(reader)
             except (ConnectionError, asyncio.IncompleteReadError) as e:
                 logger.debug("%s stream from %s broke: %s", label, peer_id[-8:], e)
             except Exception:  # a handler bug must not take the node down
@@ -87,3 +95,19 @@ class Transport:
                 writer.close()
 
         await self.p2p.add_binary_stream_handler(rpc, on_stream)
+
+
+REPLY_LINGER_S = 5.0  # how long a server waits for the caller to hang up after the reply
+
+
+async def _linger(reader: asyncio.StreamReader) -> None:
+    """Wait until the caller closes the stream (it does once it has read the reply).
+
+    Closing our end first can make p2pd reset the libp2p stream and drop reply bytes still in its
+    buffers: the caller then sees an empty stream although the request was served (seen on loopback
+    a few times a minute under load). The caller's close is the acknowledgement that it has the reply.
+    """
+    try:
+        await asyncio.wait_for(reader.read(1), REPLY_LINGER_S)
+    except (asyncio.TimeoutError, ConnectionError):
+        pass

@@ -10,6 +10,7 @@ REJECT_REASONS: tuple[str, ...] = (
     "dtype",  # dtype not allowed or not the expected one
     "shape",  # shape inconsistent with the payload or not the expected one
     "nonfinite",  # NaN or Inf in a tensor
+    "norm",  # finite but absurd: a tensor's norm far outside what the receiver accepts
     "codec",  # unknown codec or inconsistent codec parameters
     "unknown_microbatch",  # backward for a microbatch id this node does not hold
     "unknown_peer",  # a peer this node has no business with

@@ -27,6 +27,8 @@ MAX_STATE_TENSORS = 4096
 MAX_PARAM_NAME_CHARS = 256
 MAX_STATE_HEADER_BYTES = 2 * 1024 * 1024  # 4096 names + 4096 tensor metas do not fit in the default 64 KiB
 MB_ID_BYTES = 16
+SESSION_BYTES = 16
+MAX_OUTER_CHUNKS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,13 @@ def _kind(fields: dict[str, FieldSpec] | None = None, **kw: Any) -> KindSpec:
 _MB_ID = FieldSpec("bytes", exact_len=MB_ID_BYTES)
 _STAGE = FieldSpec("int", lo=0, hi=MAX_STAGE)
 _COUNT = FieldSpec("int", lo=0, hi=INT64_MAX)
+_SESSION = FieldSpec("bytes", exact_len=SESSION_BYTES)
+_OUTER_CHUNK = {
+    "session": _SESSION,
+    "index": FieldSpec("int", lo=0, hi=MAX_OUTER_CHUNKS - 1),
+    "count": FieldSpec("int", lo=1, hi=MAX_OUTER_CHUNKS),
+    "numel": _COUNT,  # elements of the whole flat parameter vector
+}
 
 KINDS: Mapping[str, KindSpec] = MappingProxyType(
     {
@@ -114,6 +123,10 @@ KINDS: Mapping[str, KindSpec] = MappingProxyType(
         "spec_request": _kind(),
         "spec": _kind({"record": FieldSpec("bytes", max_len=MAX_SPEC_RECORD_BYTES)}),
         "state_request": _kind({"stage": _STAGE}),
+        # NoLoCo outer step: a proposal, chunks of (phi, theta - phi) both ways, the driver's verdict
+        "pair_request": _kind({"session": _SESSION, "stage": _STAGE, "numel": _COUNT}),
+        "outer_chunk": _kind(_OUTER_CHUNK, min_tensors=2, max_tensors=2),
+        "outer_commit": _kind({"session": _SESSION, "verdict": FieldSpec("str", choices=frozenset({"accept", "reject"}))}),
         "state": _kind(
             {
                 "stage": _STAGE,

@@ -11,8 +11,11 @@ BACKWARD = "swarmd.backward"
 INFO = "swarmd.info"
 SPEC = "swarmd.spec"
 STATE = "swarmd.state"
+PAIR = "swarmd.pair"
+OUTER_CHUNK = "swarmd.outer_chunk"
+OUTER_COMMIT = "swarmd.outer_commit"
 
-ALL_RPCS: tuple[str, ...] = (FORWARD, BACKWARD, INFO, SPEC, STATE)
+ALL_RPCS: tuple[str, ...] = (FORWARD, BACKWARD, INFO, SPEC, STATE, PAIR, OUTER_CHUNK, OUTER_COMMIT)
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,9 @@ RPCS: Mapping[str, RpcSpec] = MappingProxyType(
         INFO: RpcSpec("info", "info_request", "info"),
         SPEC: RpcSpec("spec", "spec_request", "spec"),
         STATE: RpcSpec("state", "state_request", "state"),
+        PAIR: RpcSpec("pair", "pair_request", "ack"),
+        OUTER_CHUNK: RpcSpec("outer_chunk", "outer_chunk", "outer_chunk"),
+        OUTER_COMMIT: RpcSpec("outer_commit", "outer_commit", "ack"),
     }
 )
 

@@ -17,12 +17,19 @@ LOCAL = ["--host", "127.0.0.1", "--metrics-host", "127.0.0.1", "--metrics-port",
 
 
 def write_spec(path: Path, *, deadline_s: float = 60.0, hop_timeout_s: float = 10.0, stages: int = 2,
-               microbatches_per_step: int = 1) -> Path:
+               microbatches_per_step: int = 1, outer: str = "none", inner_steps: int = 50,
+               pair_timeout_s: float = 5.0, exchange_timeout_s: float = 20.0, chunk_elements: int = 1 << 20) -> Path:
     """A small run spec for tests (the demo's model, tighter timings where a test needs them)."""
     path.write_text(f"""
 [run]
 id = "test"
 seed = 0
+outer = "{outer}"
+[averaging]
+inner_steps = {inner_steps}
+pair_timeout_s = {pair_timeout_s}
+exchange_timeout_s = {exchange_timeout_s}
+chunk_elements = {chunk_elements}
 [model]
 dim = 64
 n_layers = 2

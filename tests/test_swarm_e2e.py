@@ -73,9 +73,12 @@ def test_killed_replica_is_routed_around(tmp_path: Path, swarm_env: dict[str, st
         assert failures >= 1, "nobody noticed the dead peer"
         # past every deadline, nothing sent to the dead peer is still held anywhere
         time.sleep(max(0.0, killed_at + deadline + 2.0 - time.monotonic()))
-        for name in (*drivers, survivor):
+        # a driver holds at most its own max_inflight; the last stage may queue every driver's
+        max_inflight = 4
+        bounds = {**{d: max_inflight for d in drivers}, survivor: max_inflight * len(drivers)}
+        for name, bound in bounds.items():
             assert s.child(name).process.poll() is None, f"{name} died: {s.output(name)}"
-            assert s.metrics(name)["swarmd_inflight_microbatches"] <= 4 + 1, name
+            assert s.metrics(name)["swarmd_inflight_microbatches"] <= bound, name
         lost = sum(s.metrics(d)['swarmd_microbatches_total{result="expired"}'] +
                    s.metrics(d)['swarmd_microbatches_total{result="dropped"}'] for d in drivers)
         assert lost >= 1, "microbatches held by the dead peer must expire on their drivers"

@@ -1,0 +1,401 @@
+"""NoLoCo outer steps over the network: find one partner, swap payloads in chunks, apply the update.
+
+The walk (shared/ARCHITECTURE.md, "An outer step's walk"):
+1. At an outer boundary the replica snapshots its weights on the compute lane, encodes its payload
+   (phi and theta - phi, chunked, through the averaging codec) and posts itself on the stage's ready
+   board in the DHT until its pairing deadline.
+2. Pairing (swarmd.swarm.pairing): the replica with the smaller peer id proposes to a random ready
+   replica; a ready replica accepts the first proposal. No barrier, no global round, no world size.
+3. The proposer drives the exchange: one RPC per chunk carries its chunk and brings back the
+   partner's chunk of the same index, so both directions move at once; a few chunks are in flight.
+   Every chunk is checked (shape, dtype, finite) on arrival; the norms of the whole payload are
+   checked against one's own phi before the driver sends its verdict ("outer_commit").
+4. Both apply the NoLoCo update from the same two payloads. No partner before the deadline: a solo
+   step. A bad payload: rejected, counted, the partner banned, a solo step. A partner that vanishes
+   mid-exchange: a solo step ("failed"). One's own state is never touched by a partner's bad data.
+
+Training goes on during all of this; see swarmd.swarm.outer for how the progress is carried over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from hivemind.dht.node import DHTNode
+from hivemind.utils.timed_storage import get_dht_time
+from swarmd.daemon.compute import ComputeLane
+from swarmd.daemon.metrics import NodeMetrics
+from swarmd.daemon.records import encode_ready, ready_key, ready_peers
+from swarmd.daemon.spec import AveragingConfig
+from swarmd.daemon.transport import Transport
+from swarmd.protocols import rpc
+from swarmd.protocols.codecs import QUANT_CODECS, EncodedTensor, encode_tensor
+from swarmd.protocols.errors import ProtocolError
+from swarmd.protocols.limits import Limits
+from swarmd.protocols.wire import Message, RemoteError, encode_message
+from swarmd.swarm.outer import (
+    OuterState, chunk_bounds, divergence, outer_step_, payload_problem, squared_norms,
+)
+from swarmd.swarm.pairing import PairingState, Phase, choose_partner
+from swarmd.swarm.routing import BanList
+
+logger = logging.getLogger(__name__)
+
+CHUNKS_IN_FLIGHT = 4  # chunk RPCs the driver keeps open at once
+BOARD_POLL_S = 0.25  # how often a waiting replica rereads the ready board
+PROPOSAL_TIMEOUT_S = 5.0
+REFUSAL_MEMORY_S = 1.0  # a replica that refused us is asked again after this long
+
+
+class Replica(Protocol):
+    """The weights an outer step reads and writes, as one flat float32 vector (called on the lane)."""
+
+    def read_flat(self) -> torch.Tensor: ...
+
+    def write_flat(self, flat: torch.Tensor) -> None: ...
+
+
+class _Rejected(Exception):
+    """The partner's payload failed validation (its reason is a ProtocolError reason)."""
+
+    def __init__(self, reason: str, why: str, counted: bool = False):
+        super().__init__(why)
+        self.reason = reason
+        self.counted = counted  # already in swarmd_rejected_messages_total (the transport rejected it)
+
+
+class _Failed(Exception):
+    """The exchange broke off (partner gone, refused our payload, or gave up)."""
+
+
+@dataclass
+class _Exchange:
+    """One outer step's payloads: ours (encoded at the boundary) and the partner's (as it arrives)."""
+
+    numel: int
+    bounds: list[tuple[int, int]]
+    own_chunks: list[tuple[EncodedTensor, EncodedTensor]]
+    own_phi_norm: float
+    theta_snap: torch.Tensor
+    partner_phi: torch.Tensor
+    partner_progress: torch.Tensor
+    received: set[int] = field(default_factory=set)
+    phi_sq: float = 0.0
+    progress_sq: float = 0.0
+    done: asyncio.Future | None = None  # the non-driver's wait for the driver's verdict
+
+    def store(self, index: int, phi: torch.Tensor, progress: torch.Tensor) -> None:
+        """Keep the partner's chunk ``index`` after checking its shape and dtype (finiteness: codec layer)."""
+        start, end = self.bounds[index]
+        for what, t in (("phi", phi), ("progress", progress)):
+            if t.dtype != torch.float32:
+                raise ProtocolError("dtype", f"{what} chunk must be float32, got {t.dtype}")
+            if tuple(t.shape) != (end - start,):
+                raise ProtocolError("shape", f"{what} chunk {index} has shape {tuple(t.shape)}, expected {(end - start,)}")
+        if index in self.received:
+            raise ProtocolError("malformed", f"chunk {index} arrived twice")
+        self.partner_phi[start:end] = phi
+        self.partner_progress[start:end] = progress
+        phi_sq, progress_sq = squared_norms(phi, progress)
+        self.phi_sq += phi_sq
+        self.progress_sq += progress_sq
+        self.received.add(index)
+
+    def problem(self, max_norm_ratio: float) -> str | None:
+        if len(self.received) != len(self.bounds):
+            return f"only {len(self.received)} of {len(self.bounds)} chunks arrived"
+        return payload_problem(self.own_phi_norm, self.phi_sq, self.progress_sq, max_norm_ratio)
+
+
+class NoLoCoService:
+    """The NoLoCo role of one replica of ``stage``. ``await start()``, then ``outer_step()`` at each boundary
+    (or ``run()`` to do that whenever ``current_step()`` crosses a multiple of ``config.inner_steps``)."""
+
+    def __init__(
+        self, *, run_id: str, stage: int, peer_id: str, config: AveragingConfig, codec: str, block_size: int,
+        transport: Transport, dht: DHTNode, lane: ComputeLane, replica: Replica, metrics: NodeMetrics,
+        limits: Limits, rng: random.Random,
+    ):
+        self.run_id, self.stage, self.peer_id = run_id, stage, peer_id
+        self.config, self.codec, self.block_size = config, codec, block_size
+        self.transport, self.dht, self.lane, self.replica = transport, dht, lane, replica
+        self.metrics, self.limits, self.rng = metrics, limits, rng
+        self.pairing = PairingState(peer_id)
+        self.bans = BanList()
+        self.state: OuterState | None = None
+        self.results: list[str] = []  # the result of every outer step taken, in order
+        self._exchange: _Exchange | None = None
+        self._paired = asyncio.Event()
+
+    async def start(self) -> None:
+        """Take phi from the current weights and serve the outer-step RPCs."""
+        self.state = OuterState.start(await self.lane.run(self.replica.read_flat))
+        if self.codec in QUANT_CODECS and QUANT_CODECS[self.codec][1]:
+            self.state.residual_phi = torch.zeros_like(self.state.phi)
+            self.state.residual_progress = torch.zeros_like(self.state.phi)
+        await self.transport.serve(rpc.PAIR, "pair", self._on_pair, ("pair_request",), channel="averaging")
+        await self.transport.serve(rpc.OUTER_CHUNK, "outer_chunk", self._on_chunk, ("outer_chunk",),
+                                   channel="averaging", on_reject=self._on_reject)
+        await self.transport.serve(rpc.OUTER_COMMIT, "outer_commit", self._on_commit, ("outer_commit",),
+                                   channel="averaging", on_reject=self._on_reject)
+
+    async def run(self, current_step: Callable[[], int], stop: asyncio.Event) -> None:
+        """Take an outer step each time ``current_step()`` reaches the next multiple of H."""
+        h = self.config.inner_steps
+        boundary = (current_step() // h + 1) * h
+        while not stop.is_set():
+            if current_step() >= boundary:
+                await self.outer_step()
+                boundary = (current_step() // h + 1) * h
+            await asyncio.sleep(0.05)
+
+    # ---- one outer step ------------------------------------------------------------------------
+
+    async def outer_step(self) -> str:
+        """One outer step: pair, exchange, update. Returns "paired", "solo", "rejected" or "failed"."""
+        assert self.state is not None, "call start() first"
+        cfg = self.config
+        ex = await self.lane.run(self._prepare)
+        ex.done = asyncio.get_running_loop().create_future()
+        self._exchange = ex
+        self._paired.clear()
+        self.pairing.open()
+        started = time.monotonic()
+        partner: str | None = None
+        try:
+            paired = await self._find_partner(started + cfg.pair_timeout_s)
+            self.metrics.partner_wait.observe(time.monotonic() - started)
+            partner = self.pairing.partner if paired else None
+            if partner is None:
+                result, use_partner = "solo", False
+            else:
+                result, use_partner = await self._swap(ex, partner)
+        finally:
+            self.pairing.close()
+            self._exchange = None
+            if not ex.done.done():
+                ex.done.cancel()
+        await self.lane.run(self._apply, ex, use_partner)
+        self.metrics.outer_steps.labels(result).inc()
+        self.results.append(result)
+        logger.info("outer step %d: %s%s", self.state.outer_step, result, f" with {partner[-8:]}" if partner else "")
+        return result
+
+    async def _swap(self, ex: _Exchange, partner: str) -> tuple[str, bool]:
+        """Exchange payloads with ``partner``. Returns (result, whether to use the partner's payload)."""
+        started = time.monotonic()
+        try:
+            if self.pairing.is_driver:
+                await asyncio.wait_for(self._drive(ex, partner), self.config.exchange_timeout_s)
+            else:
+                await asyncio.wait_for(ex.done, self.config.exchange_timeout_s)
+            self.metrics.outer_exchange.observe(time.monotonic() - started)
+            return "paired", True
+        except _Rejected as e:
+            if not e.counted:
+                self.metrics.rejected.labels(e.reason).inc()
+            self.bans.ban(partner, time.time())
+            logger.warning("outer step: rejected the payload of %s (%s): %s; stepping solo", partner[-8:], e.reason, e)
+            return "rejected", False
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            logger.warning("outer step: exchange with %s failed: %s: %s; stepping solo",
+                           partner[-8:], type(e).__name__, e)
+            return "failed", False
+
+    def _prepare(self) -> _Exchange:
+        """On the lane: snapshot theta, encode our payload chunks (error feedback per chunk)."""
+        state = self.state
+        theta = self.replica.read_flat().float()
+        progress = theta - state.phi
+        bounds = chunk_bounds(state.numel, self.config.chunk_elements)
+        chunks = []
+        for start, end in bounds:
+            pair = []
+            for tensor, residual in ((state.phi, state.residual_phi), (progress, state.residual_progress)):
+                part_residual = residual[start:end] if residual is not None else None
+                encoded = encode_tensor(tensor[start:end], self.codec, block_size=self.block_size,
+                                        residual=part_residual)
+                if residual is not None:
+                    residual[start:end] = encoded.residual.view(-1)
+                pair.append(encoded)
+            chunks.append((pair[0], pair[1]))
+        return _Exchange(
+            numel=state.numel, bounds=bounds, own_chunks=chunks,
+            own_phi_norm=float(torch.linalg.vector_norm(state.phi.double())), theta_snap=theta,
+            partner_phi=torch.empty_like(state.phi), partner_progress=torch.empty_like(state.phi),
+        )
+
+    def _apply(self, ex: _Exchange, use_partner: bool) -> None:
+        """On the lane: the NoLoCo update (paired or solo), then the new weights into the model."""
+        cfg, state = self.config, self.state
+        if use_partner:
+            self.metrics.divergence.set(divergence(state.phi, ex.partner_phi))
+        theta_now = self.replica.read_flat().float()
+        new_theta = outer_step_(
+            state, ex.theta_snap, theta_now,
+            ex.partner_phi if use_partner else None, ex.partner_progress if use_partner else None,
+            beta=cfg.beta, gamma=cfg.gamma, mu=cfg.mu,
+        )
+        self.replica.write_flat(new_theta)
+
+    # ---- pairing -------------------------------------------------------------------------------
+
+    async def _find_partner(self, deadline: float) -> bool:
+        """Post ourselves on the ready board and pair before ``deadline``. True if paired."""
+        try:
+            await self.dht.store(ready_key(self.run_id, self.stage), encode_ready(self.state.outer_step, self.state.numel),
+                                 get_dht_time() + max(0.5, deadline - time.monotonic()), subkey=self.peer_id)
+        except Exception as e:  # we can still be found by nobody, but may find others
+            logger.debug("posting on the ready board failed: %s", e)
+        refused: dict[str, float] = {}
+        while (left := deadline - time.monotonic()) > 0:
+            if self.pairing.phase is Phase.PAIRED:
+                return True
+            now = time.monotonic()
+            ready = [p for p in await self._read_board() if not self.bans.is_banned(p, time.time())]
+            recent = {p for p, at in refused.items() if now - at < REFUSAL_MEMORY_S}
+            candidate = choose_partner(self.peer_id, ready, recent, self.rng)
+            if candidate is not None and self.pairing.phase is Phase.READY:
+                if await self._propose(candidate, min(left, PROPOSAL_TIMEOUT_S)):
+                    return True
+                refused[candidate] = time.monotonic()
+                continue
+            try:
+                await asyncio.wait_for(self._paired.wait(), min(left, BOARD_POLL_S))
+            except asyncio.TimeoutError:
+                pass
+        return self.pairing.phase is Phase.PAIRED
+
+    async def _read_board(self) -> list[str]:
+        try:
+            record = await self.dht.get(ready_key(self.run_id, self.stage), latest=True)
+        except Exception as e:
+            logger.debug("reading the ready board failed: %s", e)
+            return []
+        return [p for p in ready_peers(record, self.state.numel) if p != self.peer_id]
+
+    async def _propose(self, candidate: str, timeout: float) -> bool:
+        session = os.urandom(16)
+        self.pairing.propose(candidate, session)
+        request = encode_message("pair_request", {"session": session, "stage": self.stage, "numel": self.state.numel})
+        try:
+            await self.transport.call(candidate, rpc.PAIR, "pair", request, timeout=timeout, channel="averaging")
+            accepted = True
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            logger.debug("proposal to %s refused: %s", candidate[-8:], e)
+            accepted = False
+        self.pairing.answered(accepted)
+        return accepted
+
+    async def _on_pair(self, sender: str, message: Message) -> bytes:
+        fields = message.fields
+        if fields["stage"] != self.stage:
+            raise ProtocolError("wrong_stage", f"this replica serves stage {self.stage}, not {fields['stage']}")
+        if self.state is None or fields["numel"] != self.state.numel:
+            raise ProtocolError("shape", "parameter count differs from ours")
+        if self.bans.is_banned(sender, time.time()):
+            raise ProtocolError("unknown_peer", "you are banned here for a while")
+        if (why := self.pairing.on_proposal(sender, fields["session"])) is not None:
+            raise ProtocolError("busy", why)
+        self._paired.set()
+        return encode_message("ack", {})
+
+    # ---- exchange ------------------------------------------------------------------------------
+
+    def _chunk_fields(self, ex: _Exchange, index: int) -> dict:
+        return {"session": self.pairing.session, "index": index, "count": len(ex.bounds), "numel": ex.numel}
+
+    async def _drive(self, ex: _Exchange, partner: str) -> None:
+        """As the proposer: send every chunk, collect the partner's, validate, send the verdict."""
+        window = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
+        session = self.pairing.session
+
+        async def swap_chunk(index: int) -> None:
+            async with window:
+                request = encode_message("outer_chunk", self._chunk_fields(ex, index), list(ex.own_chunks[index]))
+                try:
+                    reply = await self.transport.call(
+                        partner, rpc.OUTER_CHUNK, "outer_chunk", request, timeout=self.config.exchange_timeout_s,
+                        channel="averaging", expected_kinds=("outer_chunk",),
+                    )
+                except ProtocolError as e:  # the partner's reply failed validation
+                    raise _Rejected(e.reason, str(e)) from None
+                except RemoteError as e:
+                    raise _Failed(f"partner refused chunk {index}: {e}") from None
+                if reply.fields != self._chunk_fields(ex, index):
+                    raise _Rejected("malformed", f"reply to chunk {index} does not match the request")
+                try:
+                    ex.store(index, *reply.tensors)
+                except ProtocolError as e:
+                    raise _Rejected(e.reason, str(e)) from None
+
+        tasks = [asyncio.create_task(swap_chunk(i)) for i in range(len(ex.bounds))]
+        try:
+            await asyncio.gather(*tasks)
+        finally:  # one failed chunk ends the exchange: stop the others
+            for task in tasks:
+                task.cancel()
+        if (problem := ex.problem(self.config.max_norm_ratio)) is not None:
+            await self._send_verdict(partner, session, "reject")
+            raise _Rejected("norm", problem)
+        try:
+            await self._send_verdict(partner, session, "accept", best_effort=False)
+        except RemoteError as e:
+            raise _Failed(f"partner refused our payload: {e}") from None
+
+    async def _send_verdict(self, partner: str, session: bytes, verdict: str, best_effort: bool = True) -> None:
+        request = encode_message("outer_commit", {"session": session, "verdict": verdict})
+        try:
+            await self.transport.call(partner, rpc.OUTER_COMMIT, "outer_commit", request,
+                                      timeout=PROPOSAL_TIMEOUT_S, channel="averaging")
+        except Exception:
+            if not best_effort:
+                raise
+
+    def _current(self, sender: str, session: bytes) -> _Exchange:
+        """The exchange ``sender`` may talk to us about, or a rejection."""
+        ex = self._exchange
+        if ex is None or not self.pairing.is_partner(sender, session):
+            raise ProtocolError("unknown_peer", "no outer exchange with you is under way here")
+        return ex
+
+    async def _on_chunk(self, sender: str, message: Message) -> bytes:
+        fields = message.fields
+        ex = self._current(sender, fields["session"])
+        if fields["numel"] != ex.numel or fields["count"] != len(ex.bounds) or fields["index"] >= len(ex.bounds):
+            raise ProtocolError("shape", "chunking does not match our parameter vector")
+        ex.store(fields["index"], *message.tensors)  # ProtocolError -> _on_reject
+        index = fields["index"]
+        return encode_message("outer_chunk", self._chunk_fields(ex, index), list(ex.own_chunks[index]))
+
+    async def _on_commit(self, sender: str, message: Message) -> bytes:
+        ex = self._current(sender, message.fields["session"])
+        if ex.done is None or ex.done.done():
+            raise ProtocolError("malformed", "no verdict is expected now")
+        if message.fields["verdict"] == "reject":
+            ex.done.set_exception(_Failed("the partner rejected our payload"))
+            return encode_message("ack", {})
+        if (problem := ex.problem(self.config.max_norm_ratio)) is not None:
+            raise ProtocolError("norm", problem)  # -> _on_reject settles ex.done
+        ex.done.set_result(None)
+        return encode_message("ack", {})
+
+    def _on_reject(self, sender: str, error: ProtocolError) -> None:
+        """A request of our partner was rejected (by us or the codec layer): the pair is off."""
+        ex = self._exchange
+        if ex is None or sender != self.pairing.partner or error.reason == "unknown_peer":
+            return
+        if ex.done is not None and not ex.done.done():
+            ex.done.set_exception(_Rejected(error.reason, str(error), counted=True))
