@@ -64,14 +64,17 @@ def read_metrics(port: int, host: str = "127.0.0.1") -> dict[str, float]:
     return values
 
 
-def node_command(*args: str) -> list[str]:
-    """How the launcher starts a node: this Python, this swarmd."""
-    return [sys.executable, "-m", "swarmd.daemon.cli", *args]
+def node_command(*args: str, launcher: tuple[str, ...] = ()) -> list[str]:
+    """How the launcher starts a node: this Python, this swarmd (or ``launcher``, a script taking swarmd's args)."""
+    return [sys.executable, *(launcher or ("-m", "swarmd.daemon.cli")), *args]
 
 
-def start_child(name: str, args: list[str], node_dir: Path, env: dict[str, str]) -> Child:
+def start_child(
+    name: str, args: list[str], node_dir: Path, env: dict[str, str], launcher: tuple[str, ...] = ()
+) -> Child:
     process = subprocess.Popen(
-        node_command(*args, "--node-dir", str(node_dir)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        node_command(*args, "--node-dir", str(node_dir), launcher=launcher),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, env=env, start_new_session=True,  # a Ctrl-C reaches the launcher, which stops children cleanly
     )
     child = Child(name, process, node_dir)

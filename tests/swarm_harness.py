@@ -63,15 +63,19 @@ class Swarm:
         self.seed_addr = self.ready["seed"]["maddrs"][0]
         return child
 
-    def join_all(self, volunteers: dict[str, list[str]]) -> None:
-        """Start volunteers together (as a crowd joining at once would), then wait until each serves."""
-        started = [self._start(name, ["join", self.seed_addr, *LOCAL, "--threads", "1", *extra], wait=False)
+    def join_all(self, volunteers: dict[str, list[str]], launchers: dict[str, tuple[str, ...]] | None = None) -> None:
+        """Start volunteers together (as a crowd joining at once would), then wait until each serves.
+
+        ``launchers`` maps a volunteer to a script that runs swarmd with a fault (tests/adversary_node.py)."""
+        launchers = launchers or {}
+        started = [self._start(name, ["join", self.seed_addr, *LOCAL, "--threads", "1", *extra], wait=False,
+                               launcher=launchers.get(name, ()))
                    for name, extra in volunteers.items()]
         for child in started:
             self.ready[child.name] = wait_ready(child, 90)
 
-    def _start(self, name: str, args: list[str], wait: bool = True) -> Child:
-        child = start_child(name, args, self.root / name, self.env)
+    def _start(self, name: str, args: list[str], wait: bool = True, launcher: tuple[str, ...] = ()) -> Child:
+        child = start_child(name, args, self.root / name, self.env, launcher=launcher)
         self.children.append(child)
         if wait:
             self.ready[name] = wait_ready(child, 90)

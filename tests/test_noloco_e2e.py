@@ -1,0 +1,106 @@
+"""NoLoCo outer steps between real swarmd processes on 127.0.0.1: pairing, exchange, faults."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from swarm_harness import swarm, wait_for, write_spec
+from swarmd.daemon.demo import stop_children, wait_all_steps
+
+pytestmark = pytest.mark.slow
+
+ADVERSARY = (str(Path(__file__).with_name("adversary_node.py")),)
+NAMES = ("v0", "v1", "v2", "v3")  # v0, v2 on stage 0 (drivers); v1, v3 on stage 1
+
+
+def _outer(metrics: dict[str, float], result: str) -> float:
+    return metrics[f'swarmd_outer_steps_total{{result="{result}"}}']
+
+
+def _relative_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / a.norm())
+
+
+def _flat_weights(checkpoint: dict) -> torch.Tensor:
+    return torch.cat([t.float().reshape(-1) for t in checkpoint["model"].values()])
+
+
+def _train_2x2(tmp_path: Path, env: dict[str, str], outer: str, steps: int) -> dict[str, dict]:
+    """Seed + 2x2 volunteers until each took ``steps`` inner steps; returns each volunteer's checkpoint."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    spec = write_spec(tmp_path / "run.toml", outer=outer, inner_steps=10, chunk_elements=16384)
+    with swarm(tmp_path, env) as s:
+        s.start_seed(spec, "--no-train")
+        s.join_all({n: ["--stage", str(i % 2)] for i, n in enumerate(NAMES)})
+        wait_all_steps([s.child(n) for n in ("seed", *NAMES)], [s.ready[n]["metrics_port"] for n in NAMES], steps, 240)
+        metrics = {n: s.metrics(n) for n in NAMES}
+        stop_children(s.children)
+        for n in NAMES:
+            assert s.child(n).process.returncode == 0, s.output(n)
+        return {n: {**torch.load(tmp_path / n / "checkpoint.pt"), "metrics": metrics[n]} for n in NAMES}
+
+
+def test_pairs_average_and_stay_closer_than_without_averaging(tmp_path: Path, swarm_env: dict[str, str]) -> None:
+    """2x2, H=10: every replica takes >= 3 paired outer steps, and the replicas of a stage end closer
+    together than in the same run with outer = "none"."""
+    steps = 60
+    noloco = _train_2x2(tmp_path / "noloco", swarm_env, "noloco", steps)
+    alone = _train_2x2(tmp_path / "none", swarm_env, "none", steps)
+    for n in NAMES:
+        m = noloco[n]["metrics"]
+        assert _outer(m, "paired") >= 3, f"{n}: {m}"
+        assert _outer(m, "rejected") == 0 and m['swarmd_sent_bytes_total{channel="averaging"}'] > 0
+        assert 0 < m["swarmd_replica_divergence"] < 0.5
+        assert _outer(alone[n]["metrics"], "paired") == 0
+    for a, b in (("v0", "v2"), ("v1", "v3")):
+        phi_gap = _relative_distance(noloco[a]["phi"], noloco[b]["phi"])
+        theta_gap = _relative_distance(_flat_weights(noloco[a]), _flat_weights(noloco[b]))
+        alone_gap = _relative_distance(_flat_weights(alone[a]), _flat_weights(alone[b]))
+        assert phi_gap < alone_gap and theta_gap < alone_gap, (a, b, phi_gap, theta_gap, alone_gap)
+
+
+def test_partner_killed_mid_exchange(tmp_path: Path, swarm_env: dict[str, str]) -> None:
+    """The partner freezes after the first chunk and is killed: the survivor steps solo ("failed")
+    within its exchange deadline and keeps training."""
+    exchange_timeout = 6.0
+    spec = write_spec(tmp_path / "run.toml", outer="noloco", inner_steps=10, chunk_elements=16384,
+                      exchange_timeout_s=exchange_timeout, hop_timeout_s=2.0, deadline_s=8.0)
+    with swarm(tmp_path, swarm_env) as s:
+        s.start_seed(spec, "--no-train")
+        s.join_all({n: ["--stage", str(i % 2)] for i, n in enumerate(NAMES)}, launchers={"v3": (*ADVERSARY, "hang")})
+        wait_for(lambda: (tmp_path / "v3" / "hung").exists(), 90, "the adversary to hang mid-exchange")
+        os.kill(s.child("v3").process.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        wait_for(lambda: _outer(s.metrics("v1"), "failed") >= 1, exchange_timeout + 10, "v1's solo step")
+        assert time.monotonic() - killed_at <= exchange_timeout + 10
+        steps = s.metrics("v1")["swarmd_inner_steps_total"]
+        wait_for(lambda: s.metrics("v1")["swarmd_inner_steps_total"] > steps + 10, 60, "v1 to keep training")
+        assert s.child("v1").process.poll() is None
+
+
+@pytest.mark.parametrize("mode, reason", [("nan", "nonfinite"), ("huge", "norm")])
+def test_bad_payload_is_rejected(tmp_path: Path, swarm_env: dict[str, str], mode: str, reason: str) -> None:
+    """A partner sending NaN or 1e6x-norm payloads: rejected and counted; the victim's weights stay finite."""
+    spec = write_spec(tmp_path / "run.toml", outer="noloco", inner_steps=10, chunk_elements=16384)
+    with swarm(tmp_path, swarm_env) as s:
+        s.start_seed(spec, "--no-train")
+        s.join_all({n: ["--stage", str(i % 2)] for i, n in enumerate(NAMES)}, launchers={"v3": (*ADVERSARY, mode)})
+        wait_for(lambda: _outer(s.metrics("v1"), "rejected") >= 1, 90, "v1 to reject the adversary's payload")
+        m = s.metrics("v1")
+        assert m[f'swarmd_rejected_messages_total{{reason="{reason}"}}'] >= 1, m
+        assert _outer(m, "paired") == 0
+        stop_children(s.children)
+        assert s.child("v1").process.returncode == 0, s.output("v1")
+    victim = torch.load(tmp_path / "v1" / "checkpoint.pt")
+    assert torch.isfinite(victim["phi"]).all() and torch.isfinite(_flat_weights(victim)).all()
+    assert float(victim["phi"].abs().max()) < 100, "the adversary's payload leaked into the victim's weights"
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
