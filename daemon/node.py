@@ -23,6 +23,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.timed_storage import get_dht_time
 from swarmd.daemon.compute import ComputeLane, ThroughputMeter
 from swarmd.daemon.identity import NodeIdentity
+from swarmd.daemon.diloco import DiLoCoService
 from swarmd.daemon.metrics import MetricsServer, NodeMetrics
 from swarmd.daemon.outer import NoLoCoService
 from swarmd.daemon.peers import PeerTable, announce
@@ -84,7 +85,7 @@ class Node:
         self.dht: DHTNode | None = None
         self.p2p: P2P | None = None
         self.lane: ComputeLane | None = None
-        self.outer: NoLoCoService | None = None
+        self.outer: NoLoCoService | DiLoCoService | None = None
 
     @classmethod
     async def create(cls, options: NodeOptions) -> Node:
@@ -184,6 +185,12 @@ class Node:
                 transport=self.transport, dht=self.dht, lane=self.lane, replica=ParameterReplica(self.worker.model),
                 metrics=self.metrics, limits=DEFAULT_LIMITS, rng=random.Random(),
             )
+        elif spec.outer == "diloco":
+            self.outer = DiLoCoService(
+                run_id=spec.run_id, stage=stage, config=spec.averaging, initial_peers=self.maddrs, host=options.host,
+                lane=self.lane, replica=ParameterReplica(self.worker.model), metrics=self.metrics,
+            )
+        if self.outer is not None:
             await self.outer.start()
 
     # ---- spec ----------------------------------------------------------------------------------
@@ -354,6 +361,8 @@ class Node:
         self._tasks = []
         if self.pipeline is not None:
             await self.pipeline.close()
+        if self.outer is not None:
+            await self.outer.close()
         if self.lane is not None:
             try:  # on the lane: no inner step runs while the weights are copied
                 await self.lane.run(self.save_checkpoint)

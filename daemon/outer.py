@@ -147,6 +147,9 @@ class NoLoCoService:
         await self.transport.serve(rpc.OUTER_COMMIT, "outer_commit", self._on_commit, ("outer_commit",),
                                    channel="averaging", on_reject=self._on_reject)
 
+    async def close(self) -> None:
+        """Nothing to stop: the handlers go with the node's P2P."""
+
     async def run(self, current_step: Callable[[], int], stop: asyncio.Event) -> None:
         """Take an outer step each time ``current_step()`` reaches the next multiple of H."""
         h = self.config.inner_steps

@@ -27,14 +27,16 @@ def flatten_parameters(params: Iterable[torch.Tensor]) -> torch.Tensor:
 
 def assign_flat_(params: Iterable[torch.Tensor], flat: torch.Tensor) -> None:
     """Copy the flat vector ``flat`` back into ``params`` (in order), casting to each one's dtype."""
+    params = list(params)
+    total = sum(p.numel() for p in params)
+    if total != flat.numel():  # checked first: a wrong size must not leave the model half written
+        raise ValueError(f"flat vector has {flat.numel()} elements, the parameters {total}")
     offset = 0
     with torch.no_grad():
         for p in params:
             n = p.numel()
             p.copy_(flat[offset : offset + n].view_as(p))
             offset += n
-    if offset != flat.numel():
-        raise ValueError(f"flat vector has {flat.numel()} elements, the parameters {offset}")
 
 
 class ParameterReplica:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import shutil
+import tempfile
+from collections.abc import Iterator
 
 import pytest
 
 
 @pytest.fixture
-def swarm_env(tmp_path: Path) -> dict[str, str]:
-    """Environment for child nodes: a private TMPDIR (hivemind leaves sockets there), quiet hivemind logs."""
-    sockets = tmp_path / "tmp"
-    sockets.mkdir()
-    return {**os.environ, "TMPDIR": str(sockets), "HIVEMIND_LOGLEVEL": "ERROR", "PYTHONUNBUFFERED": "1"}
+def swarm_env() -> Iterator[dict[str, str]]:
+    """Environment for child nodes: a private TMPDIR (hivemind leaves sockets there), quiet hivemind logs.
+
+    The folder sits directly under /tmp: unix socket paths (torch's shared-memory manager, used by
+    hivemind's averager) must stay under 108 bytes, which pytest's deep tmp_path can exceed."""
+    sockets = tempfile.mkdtemp(prefix="swarmd-", dir="/tmp")
+    yield {**os.environ, "TMPDIR": sockets, "HIVEMIND_LOGLEVEL": "ERROR", "PYTHONUNBUFFERED": "1"}
+    shutil.rmtree(sockets, ignore_errors=True)

@@ -65,6 +65,14 @@ def test_pairs_average_and_stay_closer_than_without_averaging(tmp_path: Path, sw
         assert phi_gap < alone_gap and theta_gap < alone_gap, (a, b, phi_gap, theta_gap, alone_gap)
 
 
+def test_diloco_baseline_all_reduces(tmp_path: Path, swarm_env: dict[str, str]) -> None:
+    """outer = "diloco": the replicas of each stage all-reduce through hivemind's averager (>= 2 rounds)."""
+    result = _train_2x2(tmp_path, swarm_env, "diloco", 30)
+    for n in NAMES:
+        assert _outer(result[n]["metrics"], "paired") >= 2, result[n]["metrics"]
+        assert torch.isfinite(result[n]["phi"]).all()
+
+
 def test_partner_killed_mid_exchange(tmp_path: Path, swarm_env: dict[str, str]) -> None:
     """The partner freezes after the first chunk and is killed: the survivor steps solo ("failed")
     within its exchange deadline and keeps training."""

@@ -1,0 +1,291 @@
+"""A replica's outer state: flat parameter vectors, chunking, payload checks and the NoLoCo step with carry-over."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from swarmd.swarm.noloco import noloco_update
+from swarmd.swarm.outer import (
+    OuterState,
+    ParameterReplica,
+    assign_flat_,
+    chunk_bounds,
+    divergence,
+    flatten_parameters,
+    outer_step_,
+    payload_problem,
+    squared_norms,
+)
+
+COEFFS = {"beta": 0.7, "gamma": 0.7, "mu": 0.5}
+
+
+class Tiny(torch.nn.Module):
+    """Mixed shapes and dtypes, a frozen parameter, and a buffer (neither belongs to the replica)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.randn(5, 3, generator=g))
+        self.bias = torch.nn.Parameter(torch.randn(5, generator=g))
+        self.bf16 = torch.nn.Parameter(torch.randn(2, 3, generator=g).to(torch.bfloat16))
+        self.frozen = torch.nn.Parameter(torch.randn(4, generator=g), requires_grad=False)
+        self.scalar = torch.nn.Parameter(torch.tensor(0.25))
+        self.register_buffer("running", torch.zeros(7))
+
+
+def _rand(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- flat vectors
+
+
+def test_flatten_is_a_float32_copy_in_order():
+    model = Tiny()
+    params = [model.weight, model.bias, model.bf16, model.scalar]
+    flat = flatten_parameters(params)
+    assert flat.dtype == torch.float32 and flat.shape == (15 + 5 + 6 + 1,)
+    assert torch.equal(flat[:15], model.weight.detach().reshape(-1))
+    assert torch.equal(flat[20:26], model.bf16.detach().float().reshape(-1))
+    assert flat[-1] == 0.25
+    flat += 1  # a copy: the model is untouched
+    assert model.scalar.item() == 0.25
+
+
+def test_replica_holds_the_trainable_parameters_only():
+    model = Tiny()
+    replica = ParameterReplica(model)
+    assert [id(p) for p in replica.params] == [id(p) for p in (model.weight, model.bias, model.bf16, model.scalar)]
+    assert replica.read_flat().numel() == 27
+
+
+def test_flat_round_trip_including_bf16():
+    model = Tiny()
+    replica = ParameterReplica(model)
+    frozen = model.frozen.detach().clone()
+    flat = replica.read_flat()
+    new = flat * 2 + 1
+    replica.write_flat(new)
+    assert model.bf16.dtype == torch.bfloat16 and model.weight.dtype == torch.float32
+    back = replica.read_flat()
+    # float32 parameters exactly; the bf16 one up to its rounding
+    assert torch.equal(back[:20], new[:20]) and torch.equal(back[26:], new[26:])
+    assert torch.allclose(back[20:26], new[20:26], rtol=2**-7, atol=0)
+    assert torch.equal(back[20:26], new[20:26].to(torch.bfloat16).float())
+    assert torch.equal(model.frozen, frozen)
+    # writing what we read changes nothing
+    replica.write_flat(back)
+    assert torch.equal(replica.read_flat(), back)
+
+
+def test_write_flat_keeps_the_parameter_objects():
+    model = Tiny()
+    replica = ParameterReplica(model)
+    before = [id(p) for p in model.parameters()]
+    replica.write_flat(torch.zeros(27))
+    assert [id(p) for p in model.parameters()] == before
+    assert all(float(p.detach().abs().sum()) == 0 for p in replica.params)
+
+
+def test_assign_flat_raises_on_too_long():
+    params = [torch.zeros(3), torch.zeros(2)]
+    with pytest.raises(ValueError, match="6 elements"):
+        assign_flat_(params, torch.ones(6))
+
+
+@pytest.mark.parametrize("n", [0, 2, 3, 4])
+def test_assign_flat_raises_value_error_on_too_short(n: int):
+    params = [torch.zeros(3), torch.zeros(2)]
+    with pytest.raises(ValueError):
+        assign_flat_(params, torch.ones(n))
+    assert all(bool((p == 0).all()) for p in params), "a wrong size must not leave the model half written"
+
+
+# ---------------------------------------------------------------- chunks
+
+
+@pytest.mark.parametrize("numel,chunk", [(1, 1), (7, 3), (10, 10), (11, 10), (1001, 64), (5, 1000)])
+def test_chunk_bounds_cover_exactly(numel: int, chunk: int):
+    bounds = chunk_bounds(numel, chunk)
+    assert bounds[0][0] == 0 and bounds[-1][1] == numel
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+    assert all(0 < end - start <= chunk for start, end in bounds)
+    assert len(bounds) == math.ceil(numel / chunk)
+
+
+@given(numel=st.integers(0, 2000), chunk=st.integers(1, 300))
+@settings(max_examples=60, deadline=None)
+def test_chunk_bounds_partition(numel: int, chunk: int):
+    bounds = chunk_bounds(numel, chunk)
+    covered = [i for start, end in bounds for i in range(start, end)]
+    assert covered == list(range(numel))
+    assert all(end - start == chunk for start, end in bounds[:-1])
+
+
+def test_chunk_bounds_edge_cases():
+    assert chunk_bounds(0, 4) == []
+    with pytest.raises(ValueError):
+        chunk_bounds(10, 0)
+    with pytest.raises(ValueError):
+        chunk_bounds(10, -1)
+
+
+# ---------------------------------------------------------------- outer state and payload checks
+
+
+def test_start_takes_a_float32_copy():
+    theta = torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16)
+    state = OuterState.start(theta)
+    assert state.phi.dtype == torch.float32 and torch.equal(state.phi, theta.float())
+    assert torch.equal(state.delta, torch.zeros(3)) and state.outer_step == 0 and state.numel == 3
+    theta32 = torch.ones(4)
+    state = OuterState.start(theta32)
+    theta32 += 1
+    assert torch.equal(state.phi, torch.ones(4))  # not a view of the model's vector
+
+
+def test_squared_norms_hand_example():
+    assert squared_norms(torch.tensor([3.0, 4.0]), torch.tensor([1.0, -2.0, 2.0])) == (25.0, 9.0)
+    # float64 sums: no float32 overflow for large values
+    phi_sq, _ = squared_norms(torch.full((4,), 1e30), torch.zeros(1))
+    assert phi_sq == pytest.approx(4e60)
+
+
+def test_chunked_squared_norms_add_up():
+    phi, progress = _rand(1000, 1), _rand(1000, 2)
+    parts = [squared_norms(phi[s:e], progress[s:e]) for s, e in chunk_bounds(1000, 77)]
+    whole = squared_norms(phi, progress)
+    assert sum(p for p, _ in parts) == pytest.approx(whole[0], rel=1e-12)
+    assert sum(q for _, q in parts) == pytest.approx(whole[1], rel=1e-12)
+
+
+def test_payload_problem_accepts_normal_payloads():
+    phi, partner_phi = _rand(500, 3), _rand(500, 4)
+    progress = 0.01 * _rand(500, 5)
+    own = float(torch.linalg.vector_norm(phi.double()))
+    assert payload_problem(own, *squared_norms(partner_phi, progress), max_norm_ratio=10.0) is None
+    assert payload_problem(own, 0.0, 0.0, max_norm_ratio=10.0) is None
+    # right at the bound is still fine
+    assert payload_problem(2.0, 400.0, 400.0, max_norm_ratio=10.0) is None
+
+
+def test_payload_problem_rejects_huge_phi():
+    phi = _rand(500, 3)
+    own = float(torch.linalg.vector_norm(phi.double()))
+    why = payload_problem(own, *squared_norms(phi * 1e6, torch.zeros(500)), max_norm_ratio=10.0)
+    assert isinstance(why, str) and "phi" in why
+
+
+def test_payload_problem_rejects_huge_progress():
+    why = payload_problem(2.0, 4.0, (2.0 * 10.0 * 1.01) ** 2, max_norm_ratio=10.0)
+    assert isinstance(why, str) and "progress" in why
+
+
+@pytest.mark.parametrize("phi_sq,progress_sq", [(math.inf, 1.0), (1.0, math.inf), (math.nan, 1.0), (1.0, math.nan)])
+def test_payload_problem_rejects_nonfinite_norms(phi_sq: float, progress_sq: float):
+    assert payload_problem(1.0, phi_sq, progress_sq, max_norm_ratio=10.0) is not None
+
+
+def test_payload_problem_with_zero_own_norm():
+    """A replica at phi = 0 still accepts zeros and rejects anything sizeable."""
+    assert payload_problem(0.0, 0.0, 0.0, max_norm_ratio=10.0) is None
+    assert payload_problem(0.0, 1.0, 0.0, max_norm_ratio=10.0) is not None
+
+
+# ---------------------------------------------------------------- the outer step
+
+
+def _setup(n: int = 257, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    phi = torch.randn(n, generator=g)
+    state = OuterState(phi=phi.clone(), delta=0.05 * torch.randn(n, generator=g), outer_step=3)
+    theta_snap = phi + 0.1 * torch.randn(n, generator=g)
+    partner_phi = phi + 0.02 * torch.randn(n, generator=g)
+    partner_progress = 0.1 * torch.randn(n, generator=g)
+    return state, theta_snap, partner_phi, partner_progress
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_outer_step_without_inner_progress_is_noloco(paired: bool):
+    state, theta_snap, partner_phi, partner_progress = _setup()
+    partner = (partner_phi, partner_progress) if paired else (None, None)
+    want_phi, want_theta, want_delta = noloco_update(state.phi, theta_snap, state.delta, *partner, **COEFFS)
+    new_theta = outer_step_(state, theta_snap, theta_snap.clone(), *partner, **COEFFS)
+    assert torch.equal(new_theta, want_theta)
+    assert torch.equal(state.phi, want_phi) and torch.equal(state.delta, want_delta)
+    assert state.outer_step == 4
+
+
+def test_outer_step_carries_inner_progress_over():
+    state, theta_snap, partner_phi, partner_progress = _setup(seed=1)
+    drift = 0.03 * _rand(257, 9)
+    theta_now = theta_snap + drift
+    want_phi, _, want_delta = noloco_update(state.phi, theta_snap, state.delta, partner_phi, partner_progress, **COEFFS)
+    new_theta = outer_step_(state, theta_snap, theta_now, partner_phi, partner_progress, **COEFFS)
+    # the update comes from the snapshot only; the model keeps what it learnt since
+    assert torch.equal(state.phi, want_phi) and torch.equal(state.delta, want_delta)
+    assert torch.allclose(new_theta, want_phi + drift, atol=1e-6)
+    assert torch.allclose(new_theta - state.phi, theta_now - theta_snap, atol=1e-6)
+
+
+def test_outer_step_leaves_its_inputs_alone():
+    state, theta_snap, partner_phi, partner_progress = _setup(seed=2)
+    inputs = [theta_snap, partner_phi, partner_progress]
+    before = [t.clone() for t in inputs]
+    old_phi = state.phi
+    new_theta = outer_step_(state, theta_snap, theta_snap + 1, partner_phi, partner_progress, **COEFFS)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, before))
+    assert new_theta.data_ptr() != state.phi.data_ptr()  # writing the model must not move phi
+    assert state.phi is not old_phi
+
+
+def test_outer_step_counts_steps():
+    state, theta_snap, _, _ = _setup(seed=3)
+    state.outer_step = 0
+    for i in range(1, 4):
+        outer_step_(state, theta_snap, theta_snap, **COEFFS)
+        assert state.outer_step == i
+
+
+def test_outer_step_hand_example():
+    """phi=0, delta=1, theta_snap=2, partner phi=4 and progress=0, beta=gamma=mu=0.5, theta_now=3:
+    delta = 0.5*1 + 0.5*(2+0)/2 + 0.5*(2-0) = 2; phi = 2; theta = 2 + (3-2) = 3."""
+    state = OuterState(phi=torch.tensor([0.0]), delta=torch.tensor([1.0]))
+    new_theta = outer_step_(state, torch.tensor([2.0]), torch.tensor([3.0]), torch.tensor([4.0]), torch.tensor([0.0]),
+                            beta=0.5, gamma=0.5, mu=0.5)
+    assert state.delta.item() == 2.0 and state.phi.item() == 2.0 and new_theta.item() == 3.0
+
+
+def test_outer_step_needs_both_partner_tensors():
+    state, theta_snap, partner_phi, _ = _setup(seed=4)
+    with pytest.raises(ValueError):
+        outer_step_(state, theta_snap, theta_snap, partner_phi, None, **COEFFS)
+
+
+def test_two_replicas_paired_from_the_same_payloads_move_together():
+    """Both sides apply the step from the two exchanged payloads: gamma = 1 lands both on the same phi."""
+    a, theta_a, _, _ = _setup(seed=5)
+    b, theta_b, _, _ = _setup(seed=6)
+    a.delta.zero_()
+    b.delta.zero_()
+    pa, pb = a.phi.clone(), b.phi.clone()
+    prog_a, prog_b = theta_a - pa, theta_b - pb
+    outer_step_(a, theta_a, theta_a, pb, prog_b, beta=1.0, gamma=1.0, mu=0.0)
+    outer_step_(b, theta_b, theta_b, pa, prog_a, beta=1.0, gamma=1.0, mu=0.0)
+    assert torch.allclose(a.phi, b.phi, atol=1e-6)
+    assert divergence(a.phi, b.phi) < 1e-6 < divergence(pa, pb)
+
+
+def test_divergence_hand_example():
+    phi = torch.tensor([3.0, 4.0])
+    assert divergence(phi, torch.tensor([3.0, 0.0])) == pytest.approx(0.8)
+    assert divergence(phi, torch.zeros(2)) == pytest.approx(1.0)
+    assert divergence(phi, phi.clone()) == 0.0
+    assert divergence(torch.zeros(2), torch.zeros(2)) == 0.0
+    assert math.isfinite(divergence(torch.zeros(2), torch.ones(2)))  # no division by zero
