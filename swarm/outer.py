@@ -113,16 +113,30 @@ def outer_step_(
     gamma: float,
     mu: float,
 ) -> torch.Tensor:
-    """Apply one NoLoCo outer step to ``state`` (paired, or solo without partner tensors).
+    """Apply one NoLoCo outer step to ``state`` (paired, or solo without partner tensors), in place.
 
-    Returns the new flat weights ``phi_new + (theta_now - theta_snap)`` for the model.
+    The rule is ``swarmd.swarm.noloco.noloco_update``; here it runs on the buffers it is given, with no
+    temporaries the size of the model (at 50M parameters a copy is 200 MB, and a replica holds several).
+    ``theta_snap``, ``theta_now`` and the partner tensors are consumed as scratch space. Returns the new
+    flat weights ``phi_new + (theta_now - theta_snap)`` (in ``theta_now``'s buffer).
     """
-    phi, _, delta = noloco_update(
-        state.phi, theta_snap, state.delta, partner_phi, partner_progress, beta=beta, gamma=gamma, mu=mu
-    )
-    state.phi, state.delta = phi, delta
+    if (partner_phi is None) != (partner_progress is None):
+        raise ValueError("give both partner_phi and partner_progress, or neither")
+    phi, delta = state.phi, state.delta
+    buffers = [t for t in (theta_snap, theta_now, partner_phi, partner_progress, phi, delta) if t is not None]
+    if len({t.data_ptr() for t in buffers}) != len(buffers):
+        raise ValueError("outer_step_ works in place: every tensor must be its own buffer")
+    drift = theta_now.sub_(theta_snap)  # inner progress made since the snapshot
+    mean_progress = theta_snap.sub_(phi)  # our theta - phi ...
+    if partner_progress is not None:
+        mean_progress.add_(partner_progress).mul_(0.5)  # ... averaged over the pair
+    delta.mul_(mu).add_(mean_progress, alpha=beta)
+    if partner_phi is not None:
+        consensus = partner_phi.sub_(phi).mul_(0.5)  # mean_pair(phi) - phi
+        delta.add_(consensus, alpha=gamma)
+    phi.add_(delta)
     state.outer_step += 1
-    return phi + (theta_now - theta_snap)
+    return drift.add_(phi)
 
 
 def divergence(phi: torch.Tensor, partner_phi: torch.Tensor) -> float:

@@ -25,6 +25,9 @@ VALID: dict[str, tuple[dict, int]] = {
     "spec": ({"record": b"\x00signed"}, 0),
     "state_request": ({"stage": 2}, 0),
     "state": ({"stage": 2, "inner_step": 0, "names": ["w", "b"]}, 2),
+    "pair_request": ({"session": bytes(16), "stage": 1, "numel": 1000}, 0),
+    "outer_chunk": ({"session": bytes(16), "index": 0, "count": 2, "numel": 1000}, 2),
+    "outer_commit": ({"session": bytes(16), "verdict": "accept"}, 0),
 }
 
 
@@ -227,10 +230,12 @@ def test_schemas_are_read_only():
 
 
 def test_rpc_names_and_labels():
-    assert rpc.ALL_RPCS == (rpc.FORWARD, rpc.BACKWARD, rpc.INFO, rpc.SPEC, rpc.STATE)
+    assert rpc.ALL_RPCS == (rpc.FORWARD, rpc.BACKWARD, rpc.INFO, rpc.SPEC, rpc.STATE, rpc.PAIR, rpc.OUTER_CHUNK,
+                            rpc.OUTER_COMMIT)
     assert len(set(rpc.ALL_RPCS)) == len(rpc.ALL_RPCS)
     assert all(name.startswith("swarmd.") for name in rpc.ALL_RPCS)
-    assert [rpc.metric_label(n) for n in rpc.ALL_RPCS] == ["forward", "backward", "info", "spec", "state"]
+    assert [rpc.metric_label(n) for n in rpc.ALL_RPCS] == [
+        "forward", "backward", "info", "spec", "state", "pair", "outer_chunk", "outer_commit"]
     assert dict(rpc.METRIC_LABELS) == {n: rpc.metric_label(n) for n in rpc.ALL_RPCS}
     for spec in rpc.RPCS.values():
         assert spec.request_kind in KINDS and spec.reply_kind in KINDS
