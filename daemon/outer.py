@@ -156,7 +156,12 @@ class NoLoCoService:
         boundary = (current_step() // h + 1) * h
         while not stop.is_set():
             if current_step() >= boundary:
-                await self.outer_step()
+                try:
+                    await self.outer_step()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # a bug in one step must not end outer steps for good
+                    logger.exception("outer step failed")
                 boundary = (current_step() // h + 1) * h
             await asyncio.sleep(0.05)
 

@@ -31,13 +31,16 @@ def _flat_weights(checkpoint: dict) -> torch.Tensor:
     return torch.cat([t.float().reshape(-1) for t in checkpoint["model"].values()])
 
 
-def _train_2x2(tmp_path: Path, env: dict[str, str], outer: str, steps: int) -> dict[str, dict]:
-    """Seed + 2x2 volunteers until each took ``steps`` inner steps; returns each volunteer's checkpoint."""
+def _train_2x2(tmp_path: Path, env: dict[str, str], outer: str, steps: int, paired: int = 0) -> dict[str, dict]:
+    """Seed + 2x2 volunteers until each took ``steps`` inner steps (and ``paired`` paired outer steps);
+    returns each volunteer's checkpoint and final metrics."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     spec = write_spec(tmp_path / "run.toml", outer=outer, inner_steps=10, chunk_elements=16384)
     with swarm(tmp_path, env) as s:
         s.start_seed(spec, "--no-train")
         s.join_all({n: ["--stage", str(i % 2)] for i, n in enumerate(NAMES)})
+        for n in NAMES:  # on a loaded machine, outer steps can lag behind inner steps
+            wait_for(lambda: _outer(s.metrics(n), "paired") >= paired, 180, f"{n}'s paired outer steps")
         wait_all_steps([s.child(n) for n in ("seed", *NAMES)], [s.ready[n]["metrics_port"] for n in NAMES], steps, 240)
         metrics = {n: s.metrics(n) for n in NAMES}
         stop_children(s.children)
@@ -50,7 +53,8 @@ def test_pairs_average_and_stay_closer_than_without_averaging(tmp_path: Path, sw
     """2x2, H=10: every replica takes >= 3 paired outer steps, and the replicas of a stage end closer
     together than in the same run with outer = "none"."""
     steps = 60
-    noloco = _train_2x2(tmp_path / "noloco", swarm_env, "noloco", steps)
+    noloco = _train_2x2(tmp_path / "noloco", swarm_env, "noloco", steps, paired=3)
+    steps = int(max(noloco[n]["metrics"]["swarmd_inner_steps_total"] for n in NAMES))  # the same budget
     alone = _train_2x2(tmp_path / "none", swarm_env, "none", steps)
     for n in NAMES:
         m = noloco[n]["metrics"]
@@ -67,10 +71,15 @@ def test_pairs_average_and_stay_closer_than_without_averaging(tmp_path: Path, sw
 
 def test_diloco_baseline_all_reduces(tmp_path: Path, swarm_env: dict[str, str]) -> None:
     """outer = "diloco": the replicas of each stage all-reduce through hivemind's averager (>= 2 rounds)."""
-    result = _train_2x2(tmp_path, swarm_env, "diloco", 30)
+    spec = write_spec(tmp_path / "run.toml", outer="diloco", inner_steps=10)
+    with swarm(tmp_path, swarm_env) as s:
+        s.start_seed(spec, "--no-train")
+        s.join_all({n: ["--stage", str(i % 2)] for i, n in enumerate(NAMES)})
+        for n in NAMES:
+            wait_for(lambda: _outer(s.metrics(n), "paired") >= 2, 180, f"{n}'s second DiLoCo all-reduce")
+        stop_children(s.children)
     for n in NAMES:
-        assert _outer(result[n]["metrics"], "paired") >= 2, result[n]["metrics"]
-        assert torch.isfinite(result[n]["phi"]).all()
+        assert torch.isfinite(torch.load(tmp_path / n / "checkpoint.pt")["phi"]).all()
 
 
 def test_partner_killed_mid_exchange(tmp_path: Path, swarm_env: dict[str, str]) -> None:
@@ -85,8 +94,9 @@ def test_partner_killed_mid_exchange(tmp_path: Path, swarm_env: dict[str, str]) 
         wait_for(lambda: (tmp_path / "v3" / "hung").exists(), 90, "the adversary to hang mid-exchange")
         os.kill(s.child("v3").process.pid, signal.SIGKILL)
         killed_at = time.monotonic()
-        wait_for(lambda: _outer(s.metrics("v1"), "failed") >= 1, exchange_timeout + 10, "v1's solo step")
-        assert time.monotonic() - killed_at <= exchange_timeout + 10
+        # the step itself is bounded by exchange_timeout; the slack is for a loaded 2-core CI machine
+        wait_for(lambda: _outer(s.metrics("v1"), "failed") >= 1, exchange_timeout + 30, "v1's solo step")
+        assert time.monotonic() - killed_at <= exchange_timeout + 30
         steps = s.metrics("v1")["swarmd_inner_steps_total"]
         wait_for(lambda: s.metrics("v1")["swarmd_inner_steps_total"] > steps + 10, 60, "v1 to keep training")
         assert s.child("v1").process.poll() is None
