@@ -1,0 +1,712 @@
+"""One outer synchronization: NoLoCo pair exchange vs hivemind all-reduce, N replicas, same run.
+
+    python bench/averaging.py [--sizes 10M,50M] [--replicas 2,4,8,16] [--no-shaped] [--no-loopback] [--quick]
+
+For each network, replica count N and model size P (fp32 parameters), N peer processes are started
+(each with its own p2pd; NAT traversal, AutoNAT and relays off; peers bootstrap only from peer 0):
+
+- **all-reduce**: every peer runs a ``hivemind.DHT`` and a ``hivemind.averaging.DecentralizedAverager``
+  over one flat fp32 tensor of P elements (target_group_size = min_group_size = N, compression
+  ``NoCompression``, which is also hivemind's default) and calls ``averager.step()`` once. The result
+  is checked: every peer must end with the mean of all N initial tensors.
+- **NoLoCo**: every peer runs the daemon's own ``swarmd.daemon.outer.NoLoCoService`` (P2P, in-loop
+  ``DHTNode``, ``Transport``, compute lane; the averaging config and codec of the daemon's default run
+  spec ``daemon/default_run.toml``: ``int8-ef``, its pair timeout) over a replica holding the same flat vector, and calls ``outer_step()`` once: it pairs with
+  one random partner through the DHT ready board and swaps phi and theta - phi, or steps solo.
+
+The parent tells every peer to start at one common wall-clock time t0 (all peers share this machine's
+clock); a method's time is from t0 until the last peer has finished its step. Each peer process
+holds only its own method's state for one size at a time.
+
+Networks:
+
+- **loopback**: all peers on 127.0.0.1 of the root namespace, unshaped.
+- **shaped** (root only): every peer in its own network namespace on a bridge, 100 Mbit/s per
+  direction per peer (tc tbf) and 25 ms one-way delay (NFQUEUE holder, see bench/netns.py: this
+  kernel has no netem). The link is measured before the runs (TCP connect and echo RTT, 20 MiB bulk
+  transfer); if it is more than 20% off the intended shape, no shaped results are printed.
+
+The table: N, params, network, NoLoCo seconds (paired peers / N), all-reduce seconds, ratio
+all-reduce / NoLoCo, the longest NoLoCo compute-lane time (encode + update) and exchange time of any
+peer, and the peak RSS of one peer's process tree. Configurations whose step would not fit in the
+memory available are skipped (and say so) rather than risking the OOM killer. Every process,
+namespace, rule and temporary directory the benchmark created is removed at the end, also on
+errors and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import gc
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import netns  # bench/netns.py, next to this file
+
+METHODS = ("allreduce", "noloco")
+MIB = 1 << 20
+GIB = 1 << 30
+# Extra bytes one peer allocates per fp32 parameter during a step (its peak over its idle footprint),
+# measured on this machine: all-reduce ~4 copies (the shared tensor, hivemind's part buffers);
+# NoLoCo ~17 (peak RSS over the idle footprint at 50M; phi, delta, two error-feedback residuals, the partner's phi and progress, the encoded
+# payload, and the temporaries of the update). Used only to skip configurations that cannot fit in
+# memory, instead of pushing the machine (and anything else running on it) into the OOM killer.
+STEP_BYTES_PER_PARAM = {"allreduce": 4 * 4.25, "noloco": 4 * 17.0}
+STEP_BYTES_PER_PEER = 100 * MIB
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper()
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1:], 1)
+    return int(float(text[:-1] if text[-1:] in "KMG" else text) * scale)
+
+
+def size_label(n: int) -> str:
+    return f"{n / 1e6:g}M"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Peer processes (``averaging.py _peer``): one per replica, driven over stdin/stdout
+
+
+def _say(kind: str, **fields) -> None:
+    print(kind + " " + json.dumps(fields), flush=True)
+
+
+def _sleep_until(t0: float) -> None:
+    while (left := t0 - time.time()) > 0:
+        time.sleep(min(left, 0.05))
+
+
+def _tree_pids(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return pids
+
+
+def tree_peak_rss() -> int:
+    """Sum of the peak RSS (VmHWM) of this process and its descendants (p2pd, hivemind's helpers), in bytes.
+
+    Pages shared between them (hivemind's shared-memory tensors) count once per process that touched them.
+    """
+    total = 0
+    for pid in _tree_pids(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+def _reset_peak_rss() -> None:
+    """Reset VmHWM of this process tree (``echo 5 > /proc/PID/clear_refs``), so each step reports its own peak."""
+    for pid in _tree_pids(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def _make_tensor(numel: int, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(numel, generator=g)
+
+
+def peer_allreduce(args, commands) -> None:
+    """All-reduce peer: one hivemind.DHT for the whole run, one DecentralizedAverager per size."""
+    import hivemind
+    import torch
+    from hivemind.compression import NoCompression
+
+    torch.set_num_threads(1)
+    dht = hivemind.DHT(
+        initial_peers=args.initial_peers or None, host_maddrs=[f"/ip4/{args.host}/tcp/0"], start=True,
+        nat_port_map=False, auto_nat=False, use_relay=False, use_auto_relay=False,
+    )
+    _say("READY", maddrs=[str(m) for m in dht.get_visible_maddrs()])
+    for cmd in commands:
+        if cmd["op"] == "quit":
+            break
+        numel, n = cmd["numel"], cmd["n"]
+        _reset_peak_rss()
+        tensor = _make_tensor(numel, seed=1000 * args.index + numel % 997)
+        initial_sum = float(tensor.double().sum())
+        averager = hivemind.averaging.DecentralizedAverager(
+            [tensor], dht, start=True, prefix=f"bench{cmd['tag']}", target_group_size=n, min_group_size=n,
+            min_matchmaking_time=cmd["matchmaking_s"], request_timeout=cmd["request_timeout_s"],
+            compression=NoCompression(), allreduce_timeout=cmd["timeout_s"],
+        )
+        del tensor  # the averager keeps the shared copy
+        _say("PREPARED")
+        go = next(commands)
+        _sleep_until(go["t0"])
+        started = time.time()
+        try:
+            gathered = averager.step(timeout=cmd["timeout_s"], allow_retries=True)
+            error = None
+        except Exception as e:  # noqa: BLE001  (reported, not raised: the parent prints what happened)
+            gathered, error = None, f"{type(e).__name__}: {e}"
+        finished = time.time()
+        with averager.get_tensors() as tensors:
+            final_sum = float(tensors[0].double().sum())
+        _say("DONE", started=started, finished=finished, group=len(gathered) if gathered else 0, error=error,
+             initial_sum=initial_sum, final_sum=final_sum, result="averaged" if gathered else "failed",
+             peak_rss=tree_peak_rss())
+        averager.shutdown()
+        del averager
+        gc.collect()
+        _say("CLEAN")
+    dht.shutdown()
+
+
+class FlatReplica:
+    """The replica the NoLoCo service reads and writes: one flat fp32 vector, no copies on read/write."""
+
+    def __init__(self, flat):
+        self.flat = flat
+
+    def read_flat(self):
+        return self.flat
+
+    def write_flat(self, flat) -> None:
+        self.flat = flat
+
+
+async def peer_noloco_async(args, commands) -> None:
+    """NoLoCo peer: one P2P + DHTNode + Transport for the whole run, one NoLoCoService per size."""
+    import dataclasses
+
+    import torch
+    from hivemind.dht.node import DHTNode
+    from hivemind.p2p import P2P
+    from swarmd.daemon.compute import ComputeLane
+    from swarmd.daemon.metrics import NodeMetrics
+    from swarmd.daemon.outer import NoLoCoService
+    from swarmd.daemon.spec import DEFAULT_SPEC_PATH, RunSpec
+    from swarmd.daemon.transport import Transport
+    from swarmd.protocols import rpc
+    from swarmd.protocols.limits import DEFAULT_LIMITS
+
+    torch.set_num_threads(1)
+    initial = list(args.initial_peers)
+    p2p = await P2P.create(initial_peers=initial, host_maddrs=[f"/ip4/{args.host}/tcp/0"],
+                           nat_port_map=False, auto_nat=False, use_relay=False, use_auto_relay=False)
+    dht = await DHTNode.create(p2p=p2p, initial_peers=initial, ensure_bootstrap_success=bool(initial))
+    metrics = NodeMetrics()
+    transport = Transport(p2p, metrics, DEFAULT_LIMITS)
+    lane = ComputeLane()
+    peer_id = p2p.peer_id.to_base58()
+    spec = RunSpec.load(DEFAULT_SPEC_PATH)  # the daemon's default run: its averaging config and codec
+    _say("READY", maddrs=[str(m) for m in await p2p.get_visible_maddrs()])
+    loop = asyncio.get_running_loop()
+
+    async def next_command() -> dict:
+        return await loop.run_in_executor(None, next, commands)
+
+    while (cmd := await next_command())["op"] != "quit":
+        numel = cmd["numel"]
+        _reset_peak_rss()
+        overrides = {k: v for k, v in cmd.get("averaging", {}).items() if v is not None}
+        config = dataclasses.replace(spec.averaging, **overrides)
+        codec = cmd.get("codec") or spec.compression.averaging
+        replica = FlatReplica(_make_tensor(numel, seed=1000 * args.index + numel % 997))
+        service = NoLoCoService(
+            run_id=f"bench{cmd['tag']}", stage=0, peer_id=peer_id, config=config, codec=codec,
+            block_size=spec.compression.block_size, transport=transport, dht=dht, lane=lane, replica=replica,
+            metrics=metrics, limits=DEFAULT_LIMITS, rng=random.Random(args.index * 7919 + numel),
+        )
+        await service.start()  # phi <- theta; then some "inner progress" so that theta - phi is not zero
+        replica.flat.add_(_make_tensor(numel, seed=args.index + 1), alpha=0.01)
+        sent0 = metrics.bytes_sent.labels("averaging")._value.get()
+        wait0, swap0 = metrics.partner_wait._sum.get(), metrics.outer_exchange._sum.get()
+        busy0 = lane.busy_seconds
+        _say("PREPARED")
+        go = await next_command()
+        await asyncio.sleep(max(0.0, go["t0"] - time.time()))
+        started = time.time()
+        try:
+            result, error = await service.outer_step(), None
+        except Exception as e:  # noqa: BLE001  (reported to the parent)
+            result, error = "error", f"{type(e).__name__}: {e}"
+        finished = time.time()
+        sent = metrics.bytes_sent.labels("averaging")._value.get() - sent0
+        _say("DONE", started=started, finished=finished, result=result, error=error, sent_bytes=sent,
+             partner_wait_s=metrics.partner_wait._sum.get() - wait0, exchange_s=metrics.outer_exchange._sum.get() - swap0,
+             compute_s=lane.busy_seconds - busy0, peak_rss=tree_peak_rss())
+        for name in (rpc.PAIR, rpc.OUTER_CHUNK, rpc.OUTER_COMMIT):
+            await p2p.remove_binary_stream_handler(name)
+        del service, replica
+        gc.collect()
+        _say("CLEAN")
+    lane.close()
+    await dht.shutdown()
+    await p2p.shutdown()
+
+
+def peer_main(args) -> None:
+    def commands():
+        for line in sys.stdin:
+            if line.strip():
+                yield json.loads(line)
+        yield {"op": "quit"}
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    if args.method == "allreduce":
+        peer_allreduce(args, commands())
+    else:
+        asyncio.run(peer_noloco_async(args, commands()))
+    _say("BYE")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The parent: networks, peer groups, timing, the table
+
+
+class MemorySampler:
+    """Largest (MemTotal - MemAvailable) seen while active, sampled every 0.2 s."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def used() -> int:
+        info = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, value = line.split(":", 1)
+                info[key] = int(value.split()[0]) * 1024
+        return info["MemTotal"] - info["MemAvailable"]
+
+    @staticmethod
+    def available() -> int:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def reset(self) -> None:
+        self.peak = self.used()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self.peak = max(self.peak, self.used())
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+@dataclass
+class Peer:
+    index: int
+    proc: subprocess.Popen
+    log: Path
+    lines: list = field(default_factory=list)
+
+
+class PeerGroup:
+    """N peer processes of one method on one network; a reader thread per peer collects its messages."""
+
+    def __init__(self, method: str, n: int, net: netns.ShapedNetwork | None, workdir: Path, codec: str | None):
+        self.method, self.n, self.net, self.workdir, self.codec = method, n, net, workdir, codec
+        self.peers: list[Peer] = []
+        self._cond = threading.Condition()
+
+    def host(self, i: int) -> str:
+        return self.net.ip(i) if self.net else "127.0.0.1"
+
+    def _spawn(self, i: int, initial_peers: list[str]) -> Peer:
+        tmp = self.workdir / f"{self.method[0]}{self.n}p{i}"  # short: unix socket paths live here
+        tmp.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, TMPDIR=str(tmp), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, os.path.abspath(__file__), "_peer", "--method", self.method, "--index", str(i),
+               "--host", self.host(i), *[a for m in initial_peers for a in ("--initial-peer", m)]]
+        if self.net:
+            cmd = self.net.exec_prefix(i) + cmd
+        log = tmp / "stderr.log"
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"),
+                                text=True, env=env, start_new_session=True)
+        peer = Peer(i, proc, log)
+        threading.Thread(target=self._read, args=(peer,), daemon=True).start()
+        self.peers.append(peer)
+        return peer
+
+    def _read(self, peer: Peer) -> None:
+        for line in peer.proc.stdout:
+            kind, _, rest = line.strip().partition(" ")
+            if kind in ("READY", "PREPARED", "DONE", "CLEAN", "BYE"):
+                with self._cond:
+                    peer.lines.append((kind, json.loads(rest) if rest else {}))
+                    self._cond.notify_all()
+        with self._cond:
+            peer.lines.append(("EXIT", {}))
+            self._cond.notify_all()
+
+    def _wait(self, peers: list[Peer], kind: str, timeout: float) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                got = {}
+                for p in peers:
+                    for k, msg in p.lines:
+                        if k == "EXIT":
+                            raise RuntimeError(f"peer {p.index} exited early; see {p.log}:\n{_tail(p.log)}")
+                        if k == kind:
+                            got[p.index] = msg
+                if len(got) == len(peers):
+                    for p in peers:  # consume the messages
+                        p.lines.remove(next(x for x in p.lines if x[0] == kind))
+                    return [got[p.index] for p in peers]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = [p.index for p in peers if p.index not in got]
+                    raise TimeoutError(f"peers {missing} did not report {kind} in {timeout:.0f} s; "
+                                       f"see {peers[0].log.parent.parent}")
+                self._cond.wait(min(left, 1.0))
+
+    def _send(self, peers: list[Peer], msg: dict) -> None:
+        line = json.dumps(msg) + "\n"
+        for p in peers:
+            p.proc.stdin.write(line)
+            p.proc.stdin.flush()
+
+    def start(self, timeout: float = 180) -> None:
+        first = self._spawn(0, [])
+        maddrs = self._wait([first], "READY", timeout)[0]["maddrs"]
+        rest = [self._spawn(i, maddrs) for i in range(1, self.n)]
+        self._wait(rest, "READY", timeout)
+
+    def step(self, n: int, numel: int, tag: str, options: dict, timeout: float, mem: MemorySampler) -> dict:
+        """One synchronization of the first ``n`` peers (the others stay idle in the DHT)."""
+        peers = self.peers[:n]
+        baseline = MemorySampler.used()
+        mem.reset()
+        self._send(peers, {"op": "prepare", "numel": numel, "n": n, "tag": tag, "codec": self.codec, **options})
+        self._wait(peers, "PREPARED", timeout)
+        t0 = time.time() + 1.0 + 0.05 * n
+        self._send(peers, {"op": "go", "t0": t0})
+        done = self._wait(peers, "DONE", timeout)
+        peak = mem.peak
+        self._wait(peers, "CLEAN", timeout)
+        return {"seconds": max(d["finished"] for d in done) - t0, "late_start_s": max(d["started"] for d in done) - t0,
+                "peers": done, "mem_delta": peak - baseline}
+
+    def stop(self) -> None:
+        for p in self.peers:
+            try:
+                p.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                p.proc.stdin.close()
+            except (BrokenPipeError, ValueError, OSError):
+                pass
+        deadline = time.monotonic() + 20
+        for p in self.peers:
+            try:
+                p.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL every process of every peer (its own session: python, DHT/averager children, p2pd)."""
+        for p in self.peers:
+            for sig in (signal.SIGKILL,):
+                try:
+                    os.killpg(p.proc.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            try:
+                p.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.peers.clear()
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+@dataclass
+class Row:
+    n: int
+    numel: int
+    network: str
+    results: dict = field(default_factory=dict)  # method -> summary dict or {"skipped": why}
+
+
+def summarize(method: str, step: dict, n: int) -> dict:
+    peers = step["peers"]
+    out = {"seconds": step["seconds"], "mem_delta": step["mem_delta"], "late_start_s": step["late_start_s"]}
+    errors = [p["error"] for p in peers if p.get("error")]
+    out["peak_rss"] = max(p["peak_rss"] for p in peers)
+    late = step["late_start_s"]
+    if method == "allreduce":
+        expected = sum(p["initial_sum"] for p in peers) / n
+        ok = [p for p in peers if p["group"] == n and abs(p["final_sum"] - expected) <= 1e-3 * (abs(expected) + 1e3)]
+        out["ok"] = len(ok)
+        out["note"] = f"{len(ok)}/{n} averaged"
+        if len(ok) < n:
+            groups = sorted(p["group"] for p in peers)
+            spread = sum(abs(p["initial_sum"] - expected) for p in peers) / n
+            worst = max(abs(p["final_sum"] - expected) for p in peers)
+            out["note"] += (f" (group sizes seen {groups}; worst peer's sum is off the mean by {worst / spread:.2f}x "
+                            "the spread of the initial sums)") + (f"; {errors[0][:200]}" if errors else "")
+    else:
+        results = [p["result"] for p in peers]
+        out["paired"] = results.count("paired")
+        out["ok"] = sum(r in ("paired", "solo") for r in results)
+        counts = {r: results.count(r) for r in sorted(set(results))}
+        out["note"] = ", ".join(f"{k} {v}" for k, v in counts.items()) + (f"; {errors[0][:200]}" if errors else "")
+        out["compute_s"] = max(p["compute_s"] for p in peers)
+        out["exchange_s"] = max(p["exchange_s"] for p in peers)
+        out["sent_mib_per_peer"] = sum(p["sent_bytes"] for p in peers) / n / MIB
+        out["note"] += (f"; max per peer: pair wait {max(p['partner_wait_s'] for p in peers):.2f} s, exchange "
+                        f"{max(p['exchange_s'] for p in peers):.2f} s, compute lane {max(p['compute_s'] for p in peers):.2f} s"
+                        f"; {out['sent_mib_per_peer']:.1f} MiB sent/peer")
+    if late > 0.5:
+        out["note"] += f"; last peer started {late:.1f} s late (busy CPU)"
+    return out
+
+
+def fits_in_memory(method: str, n: int, numel: int) -> tuple[bool, float]:
+    """Whether n peers' step allocations fit in what is available now (idle peers are already counted)."""
+    need = n * (STEP_BYTES_PER_PEER + STEP_BYTES_PER_PARAM[method] * numel)
+    return need < 0.9 * MemorySampler.available(), need / GIB
+
+
+def run_network(name: str, net: netns.ShapedNetwork | None, args, rows: list[Row], workdir: Path,
+                mem: MemorySampler, cleanup_hooks: list) -> None:
+    """Per method: start max(N) peers once, then time every (N, size) with the first N of them."""
+    n_max = max(args.replicas)
+    for method in METHODS:
+        group = PeerGroup(method, n_max, net, workdir / name[0], args.codec)
+        cleanup_hooks.append(group.kill)
+        t, used = time.monotonic(), MemorySampler.used()
+        print(f"[{name} {method}] starting {n_max} peers...", flush=True)
+        try:
+            group.start()
+            print(f"[{name} {method}] peers ready in {time.monotonic() - t:.1f} s, idle they use "
+                  f"~{(MemorySampler.used() - used) / GIB:.1f} GiB", flush=True)
+            for numel in args.sizes:
+                for n in args.replicas:
+                    label = f"[{name} {method} N={n} {size_label(numel)}]"
+                    row = _row(rows, n, numel, name)
+                    fits, need = fits_in_memory(method, n, numel)
+                    if not fits:
+                        row.results[method] = {"skipped": f"needs ~{need:.0f} GiB"}
+                        print(f"{label} skipped: would need ~{need:.1f} GiB of memory", flush=True)
+                        continue
+                    tag = f"{name[:2]}{n}x{numel}"
+                    try:
+                        step = group.step(n, numel, tag, step_options(method, args), args.peer_timeout, mem)
+                    except (TimeoutError, RuntimeError) as e:
+                        row.results[method] = {"skipped": "error"}
+                        print(f"{label} FAILED: {e}", flush=True)
+                        raise
+                    s = row.results[method] = summarize(method, step, n)
+                    print(f"{label} {s['seconds']:.2f} s ({s['note']}; peak RSS/peer {s['peak_rss'] / GIB:.2f} GiB, "
+                          f"machine +{s['mem_delta'] / GIB:.1f} GiB)", flush=True)
+        except (TimeoutError, RuntimeError) as e:
+            print(f"[{name} {method}] FAILED: {e}", flush=True)
+        finally:
+            group.stop()
+            cleanup_hooks.remove(group.kill)
+
+
+def step_options(method: str, args) -> dict:
+    if method == "allreduce":
+        # generous matchmaking on a busy 2-core machine; a full group starts as soon as it is complete
+        return {"matchmaking_s": args.matchmaking_s, "request_timeout_s": args.request_timeout_s,
+                "timeout_s": args.peer_timeout}
+    return {"averaging": {"pair_timeout_s": args.pair_timeout_s, "exchange_timeout_s": args.exchange_timeout_s}}
+
+
+def _row(rows: list[Row], n: int, numel: int, network: str) -> Row:
+    for r in rows:
+        if (r.n, r.numel, r.network) == (n, numel, network):
+            return r
+    rows.append(Row(n, numel, network))
+    return rows[-1]
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ("| N | params | network | NoLoCo s (paired/N) | all-reduce s | all-reduce / NoLoCo | "
+            "NoLoCo max compute / exchange s | peak RSS/peer NoLoCo / all-reduce GiB |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r.network != "loopback", r.numel, r.n)):
+        nl, ar = r.results.get("noloco", {}), r.results.get("allreduce", {})
+
+        def cell(res: dict, extra: str = "", n: int = r.n) -> str:
+            if "skipped" in res:
+                return f"skipped ({res['skipped']})"
+            if not res:
+                return "-"
+            bad = "" if res["ok"] == n else " !"
+            return f"{res['seconds']:.2f}{extra}{bad}"
+
+        nl_cell = cell(nl, f" ({nl.get('paired', 0)}/{r.n})" if "seconds" in nl else "")
+        ratio = f"{ar['seconds'] / nl['seconds']:.2f}x" if "seconds" in nl and "seconds" in ar else "-"
+        split = f"{nl['compute_s']:.1f} / {nl['exchange_s']:.1f}" if "compute_s" in nl else "-"
+        mem = " / ".join(f"{x['peak_rss'] / GIB:.2f}" if "peak_rss" in x else "-" for x in (nl, ar))
+        lines.append(f"| {r.n} | {size_label(r.numel)} | {r.network} | {nl_cell} | {cell(ar)} | {ratio} | {split} | {mem} |")
+    lines.append("(! = not every peer completed a correct step; see the progress lines above)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="10M,50M", help="comma-separated parameter counts (K/M suffixes)")
+    parser.add_argument("--replicas", default="2,4,8,16", help="comma-separated replica counts N")
+    parser.add_argument("--no-shaped", action="store_true", help="loopback only")
+    parser.add_argument("--no-loopback", action="store_true", help="shaped network only")
+    parser.add_argument("--quick", action="store_true", help="smoke test: --sizes 1M --replicas 2,4")
+    parser.add_argument("--codec", default=None, help="NoLoCo payload codec (default: default_run.toml's, int8-ef)")
+    parser.add_argument("--rate-mbit", type=float, default=100.0)
+    parser.add_argument("--delay-ms", type=float, default=25.0, help="one-way delay (round trip: twice this)")
+    parser.add_argument("--matchmaking-s", type=float, default=15.0, help="all-reduce min_matchmaking_time")
+    parser.add_argument("--request-timeout-s", type=float, default=10.0, help="all-reduce matchmaking request_timeout")
+    parser.add_argument("--pair-timeout-s", type=float, default=None, help="NoLoCo pair_timeout_s (default: default_run.toml's)")
+    parser.add_argument("--exchange-timeout-s", type=float, default=None,
+                        help="NoLoCo exchange_timeout_s (default: default_run.toml's)")
+    parser.add_argument("--peer-timeout", type=float, default=420.0, help="seconds a step may take before giving up")
+    parser.add_argument("--force-shaped", action="store_true", help="print shaped results even if the check fails")
+    args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.replicas = "1M", "2,4"
+    args.sizes = [parse_size(s) for s in args.sizes.split(",")]
+    args.replicas = [int(n) for n in args.replicas.split(",")]
+
+    import torch  # only for the header line
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {MemorySampler.available() / GIB:.1f} GiB available, "
+          f"torch {torch.__version__}, python {platform.python_version()}", flush=True)
+    from swarmd.daemon.spec import DEFAULT_SPEC_PATH, RunSpec
+
+    spec = RunSpec.load(DEFAULT_SPEC_PATH)
+    avg = spec.averaging
+    print(f"sizes {[size_label(s) for s in args.sizes]}, replicas {args.replicas}; all-reduce: hivemind "
+          f"DecentralizedAverager, NoCompression, min_matchmaking_time {args.matchmaking_s:g} s; NoLoCo: "
+          f"swarmd.daemon.outer.NoLoCoService, codec {args.codec or spec.compression.averaging}, pair_timeout_s "
+          f"{args.pair_timeout_s or avg.pair_timeout_s:g}, exchange_timeout_s "
+          f"{args.exchange_timeout_s or avg.exchange_timeout_s:g}, chunk_elements {avg.chunk_elements}", flush=True)
+
+    workdir = Path(tempfile.mkdtemp(prefix="swb-avg-", dir="/tmp"))  # short: unix socket paths live under it
+    cleanup_hooks: list = []
+    nets: list[netns.ShapedNetwork] = []
+
+    def cleanup() -> None:
+        for hook in list(cleanup_hooks):  # noqa: PERF101  (hooks remove themselves)
+            try:
+                hook()
+            except Exception as e:  # noqa: BLE001  (clean up as much as possible)
+                print(f"cleanup: {e}", file=sys.stderr)
+        cleanup_hooks.clear()
+        for net in nets:
+            net.teardown()
+        nets.clear()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    atexit.register(cleanup)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    mem = MemorySampler()
+    rows: list[Row] = []
+    verification: list[str] = []
+    started = time.monotonic()
+    try:
+        if not args.no_loopback:
+            run_network("loopback", None, args, rows, workdir, mem, cleanup_hooks)
+        if not args.no_shaped:
+            if os.geteuid() != 0:
+                print("shaped network: skipped (needs root for network namespaces)", flush=True)
+            else:
+                verification = run_shaped(args, rows, workdir, mem, cleanup_hooks, nets)
+    except (KeyboardInterrupt, SystemExit):
+        print("interrupted; cleaning up", flush=True)
+    finally:
+        mem.close()
+        cleanup()
+    print()
+    for line in verification:
+        print(line)
+    print(format_table(rows))
+    print(f"\ntotal time {time.monotonic() - started:.0f} s; leftover namespaces: {netns.leftover_namespaces() or 'none'}")
+
+
+def run_shaped(args, rows, workdir, mem, cleanup_hooks, nets) -> list[str]:
+    lines = [f"netem available: {netns.netem_available()} (delay injected by the NFQUEUE holder in bench/netns.py)"]
+    print(lines[0], flush=True)
+    net = netns.ShapedNetwork(max(args.replicas), args.rate_mbit, args.delay_ms)
+    nets.append(net)
+    print(f"[shaped] building {net.n} namespaces, {args.rate_mbit:g} Mbit/s per direction, "
+          f"{2 * args.delay_ms:g} ms RTT...", flush=True)
+    net.setup()
+    problems = []
+    for src, dst in ((0, 1), (1, 0)):
+        m = netns.measure_link(net, src, dst)
+        line = f"shaped link check, peer {src} -> peer {dst}: {netns.format_link(m)}"
+        print(line, flush=True)
+        lines.append(line)
+        problems += netns.check_link(m, args.rate_mbit, args.delay_ms)
+    if problems and not args.force_shaped:
+        lines.append("shaped network is off by more than 20%, no shaped results: " + "; ".join(problems))
+        print(lines[-1], flush=True)
+        return lines
+    before = len(rows)
+    run_network("shaped", net, args, rows, workdir, mem, cleanup_hooks)
+    net.teardown()
+    stats = net.holder_stats or {}
+    if stats:
+        lines.append(f"delay holder: {stats['released']} packets held, lateness past the "
+                     f"{args.delay_ms:g} ms: mean {stats['late_mean_ms']:.2f} ms, p99 <= {stats['late_p99_ms']:.1f} ms, "
+                     f"max {stats['late_max_ms']:.1f} ms")
+    if problems:
+        lines.append(f"WARNING: shaped check failed ({'; '.join(problems)}), rows {before}.. printed anyway")
+    return lines
+
+
+def peer_entry() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("_peer")
+    parser.add_argument("--method", choices=METHODS, required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--initial-peer", dest="initial_peers", action="append", default=[])
+    peer_main(parser.parse_args())
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_peer":
+        peer_entry()
+    else:
+        main()

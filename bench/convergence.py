@@ -1,0 +1,312 @@
+"""Convergence at an equal token budget: synchronous data parallel vs DiLoCo vs NoLoCo vs no averaging.
+
+    python bench/convergence.py [--steps 600] [--replicas 8] [--inner-steps 50] [--out bench/convergence.png]
+    python bench/convergence.py --quick            # about a minute, for smoke testing
+
+R replicas of a small byte-level model (the demo's architecture, smaller) are simulated in one process,
+each with the daemon's inner AdamW (StageWorker's param groups, lr, betas, weight decay and grad clip from
+the embedded run spec) and its own data shard (ShardSampler shard i of R). Every method starts from the
+same weights and every replica draws the same batches in every method, so the runs differ only in how
+replicas are combined:
+
+(a) sync-dp: gradients averaged over the R replicas every step; with equal shard batches that is one model
+    stepping on the R batches concatenated, which is how it is computed here;
+(b) diloco:  every H inner steps all replicas average pseudo-gradients, outer Nesterov SGD (swarm/diloco.py);
+(c) noloco:  every H inner steps replicas pair by a random perfect matching and each applies
+    swarm/noloco.py's update with its partner's phi and theta - phi;
+(d) none:    R independent replicas.
+
+Validation loss (fixed batches from the end of the embedded corpus) is measured every --eval-every steps,
+right after any outer step. For the replicated methods the table reports the mean of the replicas' losses
+and the loss of the replicas' averaged weights. Wall time counts training and outer steps, not evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from swarmd.daemon.spec import (
+    DEFAULT_SPEC_PATH,
+    AveragingConfig,
+    OptimizerConfig,
+    RunSpec,
+)
+from swarmd.swarm.data import (
+    ShardSampler,
+    builtin_corpus,
+    split_corpus,
+    validation_batches,
+)
+from swarmd.swarm.diloco import average_progress, diloco_update
+from swarmd.swarm.model import (
+    ModelConfig,
+    StageModel,
+    build_stage,
+    count_parameters,
+    lm_loss,
+)
+from swarmd.swarm.noloco import noloco_update
+from swarmd.swarm.stage import optimizer_param_groups
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+METHODS = ("sync-dp", "diloco", "noloco", "none")
+
+
+@dataclass
+class Setup:
+    """Everything shared by the methods of one run."""
+
+    model: ModelConfig
+    optimizer: OptimizerConfig
+    averaging: AveragingConfig
+    seed: int
+    replicas: int
+    steps: int
+    inner_steps: int
+    eval_every: int
+    batch: int
+    seq_len: int
+    train: bytes
+    val: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens all replicas together train on per inner step (the same for every method)."""
+        return self.replicas * self.batch * self.seq_len
+
+
+@dataclass
+class Curve:
+    """Validation loss over training of one method."""
+
+    method: str
+    tokens: list[int] = field(default_factory=list)
+    mean_loss: list[float] = field(default_factory=list)  # mean of the replicas' losses
+    avg_loss: list[float] = field(default_factory=list)  # loss of the replicas' averaged weights
+    train_s: float = 0.0
+
+
+class Replica:
+    """One simulated peer: a full model, its inner AdamW as the daemon's StageWorker sets it up, its shards.
+
+    With several shards it trains on their batches concatenated (sync-dp: one model, R x the batch).
+    """
+
+    def __init__(self, setup: Setup, shards: list[int]):
+        o = setup.optimizer
+        self.model = build_stage(setup.model, 0, 1, setup.seed)
+        self.optimizer = torch.optim.AdamW(
+            optimizer_param_groups(self.model, o.weight_decay),
+            lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay,
+        )
+        self.grad_clip = o.grad_clip
+        self.samplers = [
+            ShardSampler(setup.train, setup.seq_len, setup.batch, shard, setup.replicas, setup.seed) for shard in shards
+        ]
+
+    def step(self) -> None:
+        """One inner step, as StageWorker._step: mean loss, clip the global norm, skip non-finite steps."""
+        batches = [sampler.next_batch() for sampler in self.samplers]
+        inputs = torch.cat([b[0] for b in batches])
+        targets = torch.cat([b[1] for b in batches])
+        lm_loss(self.model(inputs), targets).backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if math.isfinite(float(norm)):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def flat(self) -> torch.Tensor:
+        """A flat fp32 copy of the weights (theta)."""
+        return parameters_to_vector(self.model.parameters()).detach().clone()
+
+    def load(self, flat: torch.Tensor) -> None:
+        """Overwrite the weights from a flat tensor; the AdamW state is kept (as the daemon keeps it)."""
+        with torch.no_grad():
+            vector_to_parameters(flat, self.model.parameters())
+
+
+@torch.no_grad()
+def val_loss(model: StageModel, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean next-byte cross-entropy over all validation windows."""
+    total, count = 0.0, 0
+    for inputs, targets in batches:
+        total += float(lm_loss(model(inputs), targets)) * inputs.shape[0]
+        count += inputs.shape[0]
+    return total / count
+
+
+def evaluate(replicas: list[Replica], scratch: StageModel, val: list) -> tuple[float, float]:
+    """(mean of the replicas' losses, loss of their averaged weights); one evaluation when all are equal."""
+    flats = [r.flat() for r in replicas]
+    if all(torch.equal(f, flats[0]) for f in flats[1:]):
+        loss = val_loss(replicas[0].model, val)
+        return loss, loss
+    mean = sum(val_loss(r.model, val) for r in replicas) / len(replicas)
+    with torch.no_grad():
+        vector_to_parameters(torch.stack(flats).mean(0), scratch.parameters())
+    return mean, val_loss(scratch, val)
+
+
+def run_method(method: str, setup: Setup) -> Curve:
+    """Train ``method`` for ``setup.steps`` inner steps, evaluating along the way."""
+    a, n = setup.averaging, setup.replicas
+    if method == "sync-dp":
+        replicas = [Replica(setup, list(range(n)))]
+    else:
+        replicas = [Replica(setup, [i]) for i in range(n)]
+    scratch = build_stage(setup.model, 0, 1, setup.seed)
+    phi = replicas[0].flat()  # all replicas start from the same weights
+    momentum = torch.zeros_like(phi)  # DiLoCo's outer Nesterov buffer (zero start = torch's b = g)
+    phis = [phi.clone() for _ in range(n)]  # NoLoCo: each replica's own outer copy ...
+    deltas = [torch.zeros_like(phi) for _ in range(n)]  # ... and outer momentum
+    matching = torch.Generator().manual_seed(setup.seed)
+
+    curve = Curve(method)
+
+    def record(step: int) -> None:
+        mean, avg = evaluate(replicas, scratch, setup.val)
+        curve.tokens.append(step * setup.tokens_per_step)
+        curve.mean_loss.append(mean)
+        curve.avg_loss.append(avg)
+        print(f"{method:>8} step {step:5d}/{setup.steps}  {step * setup.tokens_per_step / 1e6:6.2f}M tokens  "
+              f"val {mean:.4f}  averaged weights {avg:.4f}  train {curve.train_s:6.1f} s", file=sys.stderr, flush=True)
+
+    record(0)
+    for step in range(1, setup.steps + 1):
+        start = time.perf_counter()
+        for replica in replicas:
+            replica.step()
+        if method in ("diloco", "noloco") and step % setup.inner_steps == 0:
+            thetas = [r.flat() for r in replicas]
+            if method == "diloco":
+                phi, momentum = diloco_update(
+                    phi, average_progress(phi, thetas), momentum, lr=a.diloco_lr, momentum_coef=a.diloco_momentum
+                )
+                for replica in replicas:
+                    replica.load(phi)
+            else:
+                order = torch.randperm(n, generator=matching).tolist()
+                partner = {}
+                for i, j in zip(order[0::2], order[1::2]):  # odd n: the last one steps alone
+                    partner[i], partner[j] = j, i
+                updates = []
+                for i in range(n):  # every update reads the pre-step phis and thetas
+                    j = partner.get(i)
+                    peer = (phis[j], thetas[j] - phis[j]) if j is not None else (None, None)
+                    updates.append(noloco_update(phis[i], thetas[i], deltas[i], *peer, beta=a.beta, gamma=a.gamma, mu=a.mu))
+                for i, (new_phi, theta, delta) in enumerate(updates):
+                    phis[i], deltas[i] = new_phi, delta
+                    replicas[i].load(theta)
+        curve.train_s += time.perf_counter() - start
+        if step % setup.eval_every == 0 or step == setup.steps:
+            record(step)
+    return curve
+
+
+def plot(curves: list[Curve], setup: Setup, path: Path) -> None:
+    """Validation loss vs tokens, one line per method (dashed: the replicas' averaged weights)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    for curve, color in zip(curves, ("black", "tab:blue", "tab:orange", "tab:gray")):
+        millions = [t / 1e6 for t in curve.tokens]
+        ax.plot(millions, curve.mean_loss, color=color, label=curve.method if curve.method == "sync-dp" else
+                f"{curve.method} (mean of replicas)")
+        if curve.avg_loss != curve.mean_loss:
+            ax.plot(millions, curve.avg_loss, color=color, linestyle="--", label=f"{curve.method} (averaged weights)")
+    # Skip the first, steep part of the curves: the differences are at the end.
+    later = [loss for c in curves for losses in (c.mean_loss, c.avg_loss) for loss in losses[min(2, len(losses) - 1):]]
+    ax.set_ylim(min(later) - 0.05, max(later) + 0.05)
+    ax.set_xlabel("tokens trained, all replicas (millions)")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title(f"{setup.replicas} replicas, H = {setup.inner_steps}, dim {setup.model.dim} x "
+                 f"{setup.model.n_layers} layers", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, help="inner steps per replica (default 600; --quick: 100)")
+    parser.add_argument("--replicas", type=int, default=8, help="simulated replicas, one data shard each (default 8)")
+    parser.add_argument("--inner-steps", type=int, help="H, inner steps between outer steps (default 50; --quick: 25)")
+    parser.add_argument("--eval-every", type=int, help="steps between evaluations (default: --inner-steps)")
+    parser.add_argument("--dim", type=int, default=64, help="model width (default 64; the demo uses 128)")
+    parser.add_argument("--layers", type=int, default=2, help="model depth (default 2; the demo uses 4)")
+    parser.add_argument("--batch", type=int, help="sequences per replica per step (default: the spec's microbatch)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--spec", type=Path, default=DEFAULT_SPEC_PATH, help="run spec for the optimizer, seed, "
+                        "seq_len and NoLoCo/DiLoCo coefficients (default: embedded demo)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("convergence.png"),
+                        help="plot path (default: bench/convergence.png)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 100 steps, H 25, less validation data")
+    args = parser.parse_args()
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    steps = args.steps or (100 if args.quick else 600)
+    inner_steps = args.inner_steps or (25 if args.quick else 50)
+    eval_every = args.eval_every or inner_steps
+    if min(steps, inner_steps, eval_every, args.replicas, args.threads) < 1:
+        parser.error("--steps, --inner-steps, --eval-every, --replicas and --threads must be >= 1")
+
+    torch.set_num_threads(args.threads)
+    spec = RunSpec.load(args.spec)
+    seq_len = spec.pipeline.seq_len
+    model = ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=spec.model.n_heads, max_seq_len=seq_len)
+    train, val = split_corpus(builtin_corpus(), spec.data.val_fraction)
+    setup = Setup(
+        model=model, optimizer=spec.optimizer, averaging=spec.averaging, seed=spec.seed, replicas=args.replicas,
+        steps=steps, inner_steps=inner_steps, eval_every=eval_every,
+        batch=args.batch or spec.pipeline.microbatch_size, seq_len=seq_len, train=train,
+        val=validation_batches(val, seq_len, 32, 2 if args.quick else 4),
+    )
+    o, a = setup.optimizer, setup.averaging
+    val_windows = sum(inputs.shape[0] for inputs, _ in setup.val)
+    print(f"model dim {model.dim} x {model.n_layers} layers ({count_parameters(build_stage(model, 0, 1, 0)):,} "
+          f"params), {setup.replicas} replicas x {setup.batch} x {seq_len} tokens per step, {steps} steps "
+          f"({steps * setup.tokens_per_step / 1e6:.2f}M tokens), H {inner_steps}; AdamW lr {o.lr} wd "
+          f"{o.weight_decay} betas ({o.beta1}, {o.beta2}) clip {o.grad_clip}; DiLoCo lr {a.diloco_lr} momentum "
+          f"{a.diloco_momentum}; NoLoCo beta {a.beta} gamma {a.gamma} mu {a.mu}; validation {val_windows} x "
+          f"{seq_len} bytes; {os.cpu_count()} cores, {platform.machine()}, {args.threads} threads, "
+          f"torch {torch.__version__}", file=sys.stderr, flush=True)
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    curves = [run_method(method, setup) for method in methods]
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+
+    base = next((c.mean_loss[-1] for c in curves if c.method == "sync-dp"), None)
+    print("| method | final val loss (mean of replicas) | val loss of averaged weights | ratio to sync-dp "
+          "| train wall s |\n|---|---:|---:|---:|---:|")
+    for c in curves:
+        ratio = f"{c.mean_loss[-1] / base:.3f}" if base else "-"
+        print(f"| {c.method} | {c.mean_loss[-1]:.4f} | {c.avg_loss[-1]:.4f} | {ratio} | {c.train_s:.0f} |")
+    final = {c.method: c.mean_loss[-1] for c in curves}
+    if "noloco" in final and "diloco" in final:
+        holds = "holds" if final["noloco"] <= final["diloco"] else "does NOT hold"
+        print(f"\nNoLoCo {final['noloco']:.4f} vs DiLoCo {final['diloco']:.4f}: target NoLoCo <= DiLoCo {holds}")
+    plot(curves, setup, args.out)
+    print(f"plot: {args.out}; total {wall:.0f} s wall, {cpu:.0f} s process CPU (evaluation included)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
