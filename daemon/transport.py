@@ -16,7 +16,9 @@ from hivemind.p2p import P2P, PeerID
 from swarmd.daemon.metrics import NodeMetrics
 from swarmd.protocols.errors import ProtocolError
 from swarmd.protocols.limits import Limits
-from swarmd.protocols.wire import Message, decode_message, decode_reply, error_message, read_frame, write_frame
+from swarmd.protocols.wire import (
+    Message, StreamEnded, decode_message, decode_reply, error_message, read_frame, write_frame,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,10 @@ class Transport:
         _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), rpc)
         try:
             await write_frame(writer, request)
-            return await read_frame(reader, self.limits.max_message_bytes)
+            try:
+                return await read_frame(reader, self.limits.max_message_bytes)
+            except StreamEnded as e:  # no reply: the peer died or dropped us, not a bad message
+                raise ConnectionError(f"peer closed the stream without a reply ({e.args[0]})") from None
         finally:
             writer.close()
 

@@ -209,6 +209,13 @@ async def write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
     await writer.drain()
 
 
+class StreamEnded(ProtocolError):
+    """The stream closed before a whole frame arrived (for a caller: the peer went away)."""
+
+    def __init__(self, message: str):
+        super().__init__("malformed", message)
+
+
 async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> bytes:
     """Read one frame of at most ``max_bytes``.
 
@@ -218,11 +225,11 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> bytes:
     try:
         prefix = await reader.readexactly(_FRAME_LEN.size)
     except asyncio.IncompleteReadError as e:
-        raise ProtocolError("malformed", f"stream ended after {len(e.partial)} bytes of a frame length") from None
+        raise StreamEnded(f"stream ended after {len(e.partial)} bytes of a frame length") from None
     (length,) = _FRAME_LEN.unpack(prefix)
     if length > max_bytes:
         raise ProtocolError("oversize", f"frame of {length} bytes exceeds {max_bytes}")
     try:
         return await reader.readexactly(length)
     except asyncio.IncompleteReadError as e:
-        raise ProtocolError("malformed", f"stream ended after {len(e.partial)} of {length} frame bytes") from None
+        raise StreamEnded(f"stream ended after {len(e.partial)} of {length} frame bytes") from None

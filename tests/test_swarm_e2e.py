@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -43,7 +44,9 @@ def test_seed_and_four_volunteers_train(tmp_path: Path, swarm_env: dict[str, str
             first_loss, last_loss = float(match[4]), float(match[5])
             assert stage == int(n[1]) % 2
             assert inner_steps >= steps and samples > 0
-            assert last_loss <= 0.7 * first_loss, f"{n}: loss {first_loss} -> {last_loss}"
+            # from the untrained model's loss, ln(256): a node's own first loss depends on when it
+            # joined (a late driver's first microbatch already meets a trained stage 1)
+            assert last_loss <= 0.7 * math.log(256) and last_loss < first_loss, f"{n}: loss {first_loss} -> {last_loss}"
 
 
 def test_killed_replica_is_routed_around(tmp_path: Path, swarm_env: dict[str, str]) -> None:
@@ -55,6 +58,7 @@ def test_killed_replica_is_routed_around(tmp_path: Path, swarm_env: dict[str, st
         s.join_all({f"v{i}": ["--stage", str(i % 2)] for i in range(4)})
         drivers, victim, survivor = ("v0", "v2"), "v3", "v1"
         wait_for(lambda: s.metrics(victim)["swarmd_samples_total"] > 50, 60, "the victim to take traffic")
+        held_by_victim = wait_for(lambda: s.metrics(victim)["swarmd_inflight_microbatches"], 30, "work on the victim")
         os.kill(s.child(victim).process.pid, signal.SIGKILL)
         killed_at = time.monotonic()
         s.child(victim).process.wait()
@@ -81,4 +85,4 @@ def test_killed_replica_is_routed_around(tmp_path: Path, swarm_env: dict[str, st
             assert s.metrics(name)["swarmd_inflight_microbatches"] <= bound, name
         lost = sum(s.metrics(d)['swarmd_microbatches_total{result="expired"}'] +
                    s.metrics(d)['swarmd_microbatches_total{result="dropped"}'] for d in drivers)
-        assert lost >= 1, "microbatches held by the dead peer must expire on their drivers"
+        assert held_by_victim > 0 and lost >= 1, "microbatches held by the dead peer must expire on their drivers"
