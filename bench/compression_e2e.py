@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -234,6 +235,8 @@ def main() -> int:
     parser.add_argument("--progress-every", type=float, default=15.0, help="node progress lines every N s")
     parser.add_argument("--spec", type=Path, default=DEFAULT_SPEC_PATH, help="run spec (default: embedded demo)")
     args = parser.parse_args()
+    # a SIGTERM unwinds like Ctrl-C, through the finally blocks that stop the swarm's processes
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     codecs = args.codecs.split(",")
     if unknown := [c for c in codecs if c not in CODECS]:
         parser.error(f"unknown codec(s) {unknown}; known: {', '.join(CODECS)}")
