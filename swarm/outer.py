@@ -17,7 +17,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
-from swarmd.swarm.noloco import noloco_update
 
 
 def flatten_parameters(params: Iterable[torch.Tensor]) -> torch.Tensor:
