@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,14 +29,19 @@ def encode_ready(outer_step: int, numel: int) -> bytes:
     return msgpack.packb({"outer": outer_step, "numel": numel}, use_bin_type=True)
 
 
+def _peer_entries(record: Any) -> Iterator[tuple[str, Any]]:
+    """(peer id, item) of every subkey of a hivemind dictionary record whose subkey is a sane peer id."""
+    if record is None or not isinstance(record.value, dict):
+        return
+    for subkey, item in record.value.items():
+        if isinstance(subkey, str) and len(subkey) <= 128:
+            yield subkey, item
+
+
 def ready_peers(record: Any, numel: int) -> list[str]:
     """Peer ids on a ready board record whose entry is well formed and of our parameter count."""
-    if record is None or not isinstance(record.value, dict):
-        return []
     peers = []
-    for subkey, item in record.value.items():
-        if not isinstance(subkey, str) or len(subkey) > 128:
-            continue
+    for subkey, item in _peer_entries(record):
         value = item.value
         if not isinstance(value, bytes) or len(value) > 256:
             continue
@@ -86,12 +92,8 @@ def decode_heartbeat(value: Any) -> Heartbeat | None:
 
 def peers_from_record(stage: int, record: Any) -> list[tuple[PeerInfo, Heartbeat]]:
     """All valid peers in a stage record (a hivemind dictionary value with subkeys)."""
-    if record is None or not isinstance(record.value, dict):
-        return []
     peers = []
-    for subkey, item in record.value.items():
-        if not isinstance(subkey, str) or len(subkey) > 128:
-            continue
+    for subkey, item in _peer_entries(record):
         beat = decode_heartbeat(item.value)
         if beat is None:
             continue
