@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections import Counter
 
 import torch
 from swarmd.daemon.compute import ComputeLane
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 
 class DiLoCoService:
-    """The DiLoCo role of one replica of ``stage``: ``await start()``, then ``run()`` (or ``outer_step()``)."""
+    """The DiLoCo role of one replica of ``stage``: ``await start()``, then ``outer_step()`` at each boundary."""
 
     def __init__(
         self, *, run_id: str, stage: int, config: AveragingConfig, initial_peers: list[str], host: str,
@@ -36,7 +36,7 @@ class DiLoCoService:
         self.initial_peers, self.host = initial_peers, host
         self.lane, self.replica, self.metrics = lane, replica, metrics
         self.state: OuterState | None = None
-        self.results: list[str] = []
+        self.results: Counter[str] = Counter()  # outer steps taken, by result
         self._dht = None
         self._averager = None
         self._buffer: torch.Tensor | None = None
@@ -66,16 +66,6 @@ class DiLoCoService:
             request_timeout=max(1.0, self.config.pair_timeout_s / 2), allreduce_timeout=self.config.exchange_timeout_s,
         )
 
-    async def run(self, current_step: Callable[[], int], stop: asyncio.Event) -> None:
-        """Take an outer step each time ``current_step()`` reaches the next multiple of H."""
-        h = self.config.inner_steps
-        boundary = (current_step() // h + 1) * h
-        while not stop.is_set():
-            if current_step() >= boundary:
-                await self.outer_step()
-                boundary = (current_step() // h + 1) * h
-            await asyncio.sleep(0.05)
-
     async def outer_step(self) -> str:
         """All-reduce theta - phi with whoever of the stage is averaging now; "paired" if a group formed,
         else "solo" (the replica's own progress is the mean)."""
@@ -94,7 +84,7 @@ class DiLoCoService:
             result = "solo" if group is None else "failed"
         await self.lane.run(self._apply, theta_snap, mean_progress)
         self.metrics.outer_steps.labels(result).inc()
-        self.results.append(result)
+        self.results[result] += 1
         logger.info("DiLoCo outer step %d: %s (group of %d)", self.state.outer_step, result, len(group or {}) or 1)
         return result
 

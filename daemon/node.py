@@ -12,7 +12,6 @@ import json
 import logging
 import random
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from swarmd.daemon.compute import ComputeLane, ThroughputMeter
 from swarmd.daemon.identity import NodeIdentity
 from swarmd.daemon.diloco import DiLoCoService
 from swarmd.daemon.metrics import MetricsServer, NodeMetrics
-from swarmd.daemon.outer import NoLoCoService
+from swarmd.daemon.outer import NoLoCoService, run_at_boundaries
 from swarmd.daemon.peers import PeerTable, announce
 from swarmd.daemon.pipeline import PipelineService
 from swarmd.daemon.records import Heartbeat, spec_key
@@ -259,7 +258,9 @@ class Node:
             if self.stage == 0:
                 self._tasks.append(asyncio.create_task(self.pipeline.drive(self.stop_event)))
         if self.outer is not None:
-            self._tasks.append(asyncio.create_task(self.outer.run(lambda: self.worker.inner_step, self.stop_event)))
+            self._tasks.append(asyncio.create_task(run_at_boundaries(
+                self.outer.outer_step, lambda: self.worker.inner_step, self.spec.averaging.inner_steps, self.stop_event
+            )))
         if self.options.duration_s > 0:
             self._tasks.append(asyncio.create_task(self._stop_after(self.options.duration_s)))
         await self.stop_event.wait()
@@ -332,7 +333,7 @@ class Node:
             return f"summary: run {self.spec.run_id} seed, served the spec"
         outer = ""
         if self.outer is not None:
-            counts = Counter(self.outer.results)
+            counts = self.outer.results
             outer = " outer " + " ".join(f"{r} {counts[r]}" for r in ("paired", "solo", "rejected", "failed"))
         return (f"summary: stage {self.stage} inner steps {self.worker.inner_step} samples "
                 f"{self.worker.samples_processed} {self.pipeline.stats.summary()}{outer}")

@@ -24,7 +24,8 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -53,6 +54,24 @@ CHUNKS_IN_FLIGHT = 4  # chunk RPCs the driver keeps open at once
 BOARD_POLL_S = 0.25  # how often a waiting replica rereads the ready board
 PROPOSAL_TIMEOUT_S = 5.0
 REFUSAL_MEMORY_S = 1.0  # a replica that refused us is asked again after this long
+
+
+async def run_at_boundaries(
+    outer_step: Callable[[], Awaitable[str]], current_step: Callable[[], int], inner_steps: int, stop: asyncio.Event
+) -> None:
+    """Call ``outer_step`` each time ``current_step()`` reaches the next multiple of ``inner_steps`` (H),
+    until ``stop`` is set. Shared by the NoLoCo and DiLoCo services."""
+    boundary = (current_step() // inner_steps + 1) * inner_steps
+    while not stop.is_set():
+        if current_step() >= boundary:
+            try:
+                await outer_step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug in one step must not end outer steps for good
+                logger.exception("outer step failed")
+            boundary = (current_step() // inner_steps + 1) * inner_steps
+        await asyncio.sleep(0.05)
 
 
 class Replica(Protocol):
@@ -117,7 +136,7 @@ class _Exchange:
 
 class NoLoCoService:
     """The NoLoCo role of one replica of ``stage``. ``await start()``, then ``outer_step()`` at each boundary
-    (or ``run()`` to do that whenever ``current_step()`` crosses a multiple of ``config.inner_steps``)."""
+    (``run_at_boundaries`` calls it whenever the inner step crosses a multiple of H)."""
 
     def __init__(
         self, *, run_id: str, stage: int, peer_id: str, config: AveragingConfig, codec: str, block_size: int,
@@ -131,7 +150,7 @@ class NoLoCoService:
         self.pairing = PairingState(peer_id)
         self.bans = BanList()
         self.state: OuterState | None = None
-        self.results: list[str] = []  # the result of every outer step taken, in order
+        self.results: Counter[str] = Counter()  # outer steps taken, by result
         self._exchange: _Exchange | None = None
         self._paired = asyncio.Event()
 
@@ -149,21 +168,6 @@ class NoLoCoService:
 
     async def close(self) -> None:
         """Nothing to stop: the handlers go with the node's P2P."""
-
-    async def run(self, current_step: Callable[[], int], stop: asyncio.Event) -> None:
-        """Take an outer step each time ``current_step()`` reaches the next multiple of H."""
-        h = self.config.inner_steps
-        boundary = (current_step() // h + 1) * h
-        while not stop.is_set():
-            if current_step() >= boundary:
-                try:
-                    await self.outer_step()
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # a bug in one step must not end outer steps for good
-                    logger.exception("outer step failed")
-                boundary = (current_step() // h + 1) * h
-            await asyncio.sleep(0.05)
 
     # ---- one outer step ------------------------------------------------------------------------
 
@@ -193,7 +197,7 @@ class NoLoCoService:
                 ex.done.cancel()
         await self.lane.run(self._apply, ex, use_partner)
         self.metrics.outer_steps.labels(result).inc()
-        self.results.append(result)
+        self.results[result] += 1
         logger.info("outer step %d: %s%s", self.state.outer_step, result, f" with {partner[-8:]}" if partner else "")
         return result
 
