@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 import time
@@ -43,7 +44,7 @@ from swarmd.protocols.errors import ProtocolError
 from swarmd.protocols.limits import Limits
 from swarmd.protocols.wire import Message, RemoteError, encode_message
 from swarmd.swarm.outer import (
-    OuterState, chunk_bounds, divergence, outer_step_, payload_problem, squared_norms,
+    OuterState, chunk_bounds, divergence, outer_step_, payload_problem, squared_norms, sum_of_squares,
 )
 from swarmd.swarm.pairing import PairingState, Phase, choose_partner
 from swarmd.swarm.routing import BanList
@@ -243,7 +244,7 @@ class NoLoCoService:
             chunks.append((pair[0], pair[1]))
         return _Exchange(
             numel=state.numel, bounds=bounds, own_chunks=chunks,
-            own_phi_norm=float(torch.linalg.vector_norm(state.phi.double())), theta_snap=theta,
+            own_phi_norm=math.sqrt(sum_of_squares(state.phi)), theta_snap=theta,
             partner_phi=torch.empty_like(state.phi), partner_progress=torch.empty_like(state.phi),
         )
 

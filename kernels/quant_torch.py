@@ -19,10 +19,18 @@ from swarmd.kernels.hashrng import uniform_from_index
 
 
 def _padded_sum(x: torch.Tensor, residual: torch.Tensor | None, block_size: int) -> torch.Tensor:
-    """y = x + residual in fp32, zero-padded to whole blocks, as an (nblocks, block_size) view."""
+    """y = x + residual in a new fp32 buffer, zero-padded to whole blocks, as an (nblocks, block_size) view."""
     n = x.numel()
-    y = torch.zeros(num_blocks(n, block_size) * block_size, dtype=torch.float32, device=x.device)
-    y[:n] = x.reshape(-1)  # upcasts bf16/fp16 exactly
+    flat = x.reshape(-1)
+    padded = num_blocks(n, block_size) * block_size
+    if padded == n:  # one pass: no zero fill, no separate copy
+        if residual is not None:
+            y = torch.add(flat, residual.reshape(-1), out=torch.empty(n, dtype=torch.float32, device=x.device))
+        else:
+            y = flat.to(torch.float32, copy=True)  # upcasts bf16/fp16 exactly
+        return y.view(-1, block_size)
+    y = torch.zeros(padded, dtype=torch.float32, device=x.device)
+    y[:n] = flat
     if residual is not None:
         y[:n] += residual.reshape(-1)
     return y.view(-1, block_size)
@@ -30,19 +38,23 @@ def _padded_sum(x: torch.Tensor, residual: torch.Tensor | None, block_size: int)
 
 def _block_codes(y: torch.Tensor, qmax: int, seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes (as fp32 integers) and scales of the blocked view ``y``. Raises ValueError on non-finite input."""
-    absmax = y.abs().amax(dim=1)  # NaN propagates here, so one check covers NaN and Inf
+    # max |y| per block as max(max y, -min y): the same value as abs().amax() without a full-size temporary;
+    # NaN propagates through both, so one check covers NaN and Inf.
+    absmax = torch.maximum(y.amax(dim=1), y.amin(dim=1).neg_()).abs_()  # abs_: +0.0, never -0.0
     if not bool(torch.isfinite(absmax).all()):
         raise ValueError("cannot quantize a tensor holding NaN or Inf (input plus residual)")
     scales = absmax / qmax
+    nonzero = scales > 0
     # A zero scale only comes with an all-zero block (or one so tiny the scale underflows): codes 0.
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    v = (y / safe[:, None]).clamp_(-qmax, qmax)
+    safe = torch.where(nonzero, scales, torch.ones_like(scales))
+    v = torch.div(y, safe[:, None]).clamp_(-qmax, qmax)
     if seed is None:
-        v = v.round_()  # round half to even
+        v.round_()  # round half to even
     else:
         idx = torch.arange(y.numel(), dtype=torch.int64, device=y.device).view_as(y)
-        v = (v + uniform_from_index(idx, seed)).floor_().clamp_(-qmax, qmax)
-    v = torch.where(scales[:, None] > 0, v, torch.zeros_like(v))
+        v.add_(uniform_from_index(idx, seed)).floor_().clamp_(-qmax, qmax)
+    if not bool(nonzero.all()):
+        v.masked_fill_(~nonzero[:, None], 0.0)
     return v, scales
 
 
@@ -59,9 +71,8 @@ def quantize_torch(
     The residual comes back flat, ``y - decode(codes)`` for every element.
     """
     n = x.numel()
-    y = _padded_sum(x, residual, block_size)
+    y = _padded_sum(x, residual, block_size)  # our own buffer: it becomes the residual below
     v, scales = _block_codes(y, INT8_QMAX if bits == 8 else INT4_QMAX, seed)
-    new_residual = (y - v * scales[:, None]).reshape(-1)[:n].clone()
     flat = v.reshape(-1)[:n]
     if bits == 8:
         codes = flat.to(torch.int8)
@@ -70,6 +81,9 @@ def quantize_torch(
         if n % 2:  # the missing partner of the last element is code 0
             nib = torch.cat([nib, nib.new_full((1,), INT4_OFFSET)])
         codes = nib[0::2] | (nib[1::2] << 4)
+    new_residual = y.sub_(v.mul_(scales[:, None])).reshape(-1)[:n]  # y - code * scale, in y's buffer
+    if new_residual.numel() != y.numel():
+        new_residual = new_residual.clone()  # do not keep the padding alive
     return QuantizedBlocks(codes, scales, n, block_size, bits), new_residual
 
 
