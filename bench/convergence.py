@@ -24,6 +24,7 @@ and the loss of the replicas' averaged weights. Wall time counts training and ou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import platform
@@ -54,8 +55,8 @@ from swarmd.swarm.model import (
     lm_loss,
 )
 from swarmd.swarm.noloco import noloco_update
+from swarmd.swarm.outer import assign_flat_, flatten_parameters
 from swarmd.swarm.stage import optimizer_param_groups
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 METHODS = ("sync-dp", "diloco", "noloco", "none")
 
@@ -76,6 +77,9 @@ class Setup:
     seq_len: int
     train: bytes
     val: list[tuple[torch.Tensor, torch.Tensor]]
+    iid: bool = False  # every replica samples the whole train set (else: its own contiguous shard)
+    cosine: bool = False  # inner lr: linear warm-up (4% of the steps), cosine decay to 10%
+    diloco_nesterov: bool = True
 
     @property
     def tokens_per_step(self) -> int:
@@ -109,8 +113,15 @@ class Replica:
         )
         self.grad_clip = o.grad_clip
         self.samplers = [
-            ShardSampler(setup.train, setup.seq_len, setup.batch, shard, setup.replicas, setup.seed) for shard in shards
+            # iid: one shard covering everything, a different random stream per replica
+            ShardSampler(setup.train, setup.seq_len, setup.batch, 0, 1, setup.seed * 1000 + shard) if setup.iid
+            else ShardSampler(setup.train, setup.seq_len, setup.batch, shard, setup.replicas, setup.seed)
+            for shard in shards
         ]
+        self.schedule = (
+            torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: cosine_factor(step, setup.steps))
+            if setup.cosine else None
+        )
 
     def step(self) -> None:
         """One inner step, as StageWorker._step: mean loss, clip the global norm, skip non-finite steps."""
@@ -122,15 +133,29 @@ class Replica:
         if math.isfinite(float(norm)):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.schedule is not None:
+            self.schedule.step()
 
     def flat(self) -> torch.Tensor:
         """A flat fp32 copy of the weights (theta)."""
-        return parameters_to_vector(self.model.parameters()).detach().clone()
+        return flatten_parameters(self.model.parameters())
 
     def load(self, flat: torch.Tensor) -> None:
-        """Overwrite the weights from a flat tensor; the AdamW state is kept (as the daemon keeps it)."""
-        with torch.no_grad():
-            vector_to_parameters(flat, self.model.parameters())
+        """Copy the weights in from a flat tensor, as the daemon does (assign_flat_); the AdamW state is kept.
+
+        A copy, not torch's vector_to_parameters: that one makes the parameters views of ``flat``, so replicas
+        loaded from one tensor would share (and all step on) the same weights.
+        """
+        assign_flat_(self.model.parameters(), flat)
+
+
+def cosine_factor(step: int, steps: int) -> float:
+    """Inner lr multiplier: linear warm-up over 4% of ``steps``, then cosine decay to 0.1 (as NoLoCo's configs)."""
+    warmup = max(1, steps // 25)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
@@ -151,7 +176,7 @@ def evaluate(replicas: list[Replica], scratch: StageModel, val: list) -> tuple[f
         return loss, loss
     mean = sum(val_loss(r.model, val) for r in replicas) / len(replicas)
     with torch.no_grad():
-        vector_to_parameters(torch.stack(flats).mean(0), scratch.parameters())
+        assign_flat_(scratch.parameters(), torch.stack(flats).mean(0))
     return mean, val_loss(scratch, val)
 
 
@@ -188,7 +213,8 @@ def run_method(method: str, setup: Setup) -> Curve:
             thetas = [r.flat() for r in replicas]
             if method == "diloco":
                 phi, momentum = diloco_update(
-                    phi, average_progress(phi, thetas), momentum, lr=a.diloco_lr, momentum_coef=a.diloco_momentum
+                    phi, average_progress(phi, thetas), momentum, lr=a.diloco_lr, momentum_coef=a.diloco_momentum,
+                    nesterov=setup.diloco_nesterov,
                 )
                 for replica in replicas:
                     replica.load(phi)
@@ -256,6 +282,14 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("convergence.png"),
                         help="plot path (default: bench/convergence.png)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 100 steps, H 25, less validation data")
+    diag = parser.add_argument_group("variants (for diagnosis; the defaults are the daemon's settings)")
+    diag.add_argument("--lr", type=float, help="inner AdamW lr (default: the spec's)")
+    diag.add_argument("--cosine", action="store_true", help="inner lr warm-up + cosine decay to 10%%")
+    diag.add_argument("--iid", action="store_true", help="replicas sample the whole train set, not contiguous shards")
+    diag.add_argument("--diloco-momentum", type=float, help="DiLoCo outer momentum (default: the spec's, 0.9)")
+    diag.add_argument("--diloco-heavy-ball", action="store_true",
+                      help="DiLoCo outer step with plain (heavy-ball) momentum instead of Nesterov")
+    diag.add_argument("--noloco-mu", type=float, help="NoLoCo outer momentum (default: the spec's, 0.5)")
     args = parser.parse_args()
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -273,19 +307,27 @@ def main() -> int:
     seq_len = spec.pipeline.seq_len
     model = ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=spec.model.n_heads, max_seq_len=seq_len)
     train, val = split_corpus(builtin_corpus(), spec.data.val_fraction)
+    optimizer = spec.optimizer if args.lr is None else dataclasses.replace(spec.optimizer, lr=args.lr)
+    averaging = dataclasses.replace(
+        spec.averaging,
+        diloco_momentum=spec.averaging.diloco_momentum if args.diloco_momentum is None else args.diloco_momentum,
+        mu=spec.averaging.mu if args.noloco_mu is None else args.noloco_mu,
+    )
     setup = Setup(
-        model=model, optimizer=spec.optimizer, averaging=spec.averaging, seed=spec.seed, replicas=args.replicas,
+        model=model, optimizer=optimizer, averaging=averaging, seed=spec.seed, replicas=args.replicas,
         steps=steps, inner_steps=inner_steps, eval_every=eval_every,
         batch=args.batch or spec.pipeline.microbatch_size, seq_len=seq_len, train=train,
         val=validation_batches(val, seq_len, 32, 2 if args.quick else 4),
+        iid=args.iid, cosine=args.cosine, diloco_nesterov=not args.diloco_heavy_ball,
     )
     o, a = setup.optimizer, setup.averaging
     val_windows = sum(inputs.shape[0] for inputs, _ in setup.val)
     print(f"model dim {model.dim} x {model.n_layers} layers ({count_parameters(build_stage(model, 0, 1, 0)):,} "
           f"params), {setup.replicas} replicas x {setup.batch} x {seq_len} tokens per step, {steps} steps "
           f"({steps * setup.tokens_per_step / 1e6:.2f}M tokens), H {inner_steps}; AdamW lr {o.lr} wd "
-          f"{o.weight_decay} betas ({o.beta1}, {o.beta2}) clip {o.grad_clip}; DiLoCo lr {a.diloco_lr} momentum "
-          f"{a.diloco_momentum}; NoLoCo beta {a.beta} gamma {a.gamma} mu {a.mu}; validation {val_windows} x "
+          f"{o.weight_decay} betas ({o.beta1}, {o.beta2}) clip {o.grad_clip}{' cosine' if setup.cosine else ''}; "
+          f"{'iid' if setup.iid else 'contiguous'} shards; DiLoCo lr {a.diloco_lr} "
+          f"{'Nesterov' if setup.diloco_nesterov else 'heavy-ball'} momentum {a.diloco_momentum}; NoLoCo beta {a.beta} gamma {a.gamma} mu {a.mu}; validation {val_windows} x "
           f"{seq_len} bytes; {os.cpu_count()} cores, {platform.machine()}, {args.threads} threads, "
           f"torch {torch.__version__}", file=sys.stderr, flush=True)
 
