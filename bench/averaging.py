@@ -62,10 +62,11 @@ MIB = 1 << 20
 GIB = 1 << 30
 # Extra bytes one peer allocates per fp32 parameter during a step (its peak over its idle footprint),
 # measured on this machine: all-reduce ~4 copies (the shared tensor, hivemind's part buffers);
-# NoLoCo ~17 (peak RSS over the idle footprint at 50M; phi, delta, two error-feedback residuals, the partner's phi and progress, the encoded
-# payload, and the temporaries of the update). Used only to skip configurations that cannot fit in
-# memory, instead of pushing the machine (and anything else running on it) into the OOM killer.
-STEP_BYTES_PER_PARAM = {"allreduce": 4 * 4.25, "noloco": 4 * 17.0}
+# NoLoCo ~11.5 (2.63 GiB peak RSS at 50M on 2026-11-23: the replica's vector, phi, delta, two error-feedback
+# residuals, the snapshot, the partner's phi and progress, the re-read weights, the encoded payload and
+# the quantizer's chunk temporaries). Used only to skip configurations that cannot fit in memory, instead of
+# pushing the machine (and anything else running on it) into the OOM killer.
+STEP_BYTES_PER_PARAM = {"allreduce": 4 * 4.25, "noloco": 4 * 11.5}
 STEP_BYTES_PER_PEER = 100 * MIB
 
 
@@ -186,13 +187,16 @@ def peer_allreduce(args, commands) -> None:
 
 
 class FlatReplica:
-    """The replica the NoLoCo service reads and writes: one flat fp32 vector, no copies on read/write."""
+    """The replica the NoLoCo service reads and writes: one flat fp32 vector standing in for a model's weights.
+
+    Reads copy, as reading a real model's parameters into one vector does (the service owns what it reads).
+    """
 
     def __init__(self, flat):
         self.flat = flat
 
     def read_flat(self):
-        return self.flat
+        return self.flat.clone()
 
     def write_flat(self, flat) -> None:
         self.flat = flat
@@ -509,7 +513,7 @@ def run_network(name: str, net: netns.ShapedNetwork | None, args, rows: list[Row
                 mem: MemorySampler, cleanup_hooks: list) -> None:
     """Per method: start max(N) peers once, then time every (N, size) with the first N of them."""
     n_max = max(args.replicas)
-    for method in METHODS:
+    for method in args.methods:
         group = PeerGroup(method, n_max, net, workdir / name[0], args.codec)
         cleanup_hooks.append(group.kill)
         t, used = time.monotonic(), MemorySampler.used()
@@ -591,6 +595,7 @@ def main() -> None:
     parser.add_argument("--no-shaped", action="store_true", help="loopback only")
     parser.add_argument("--no-loopback", action="store_true", help="shaped network only")
     parser.add_argument("--quick", action="store_true", help="smoke test: --sizes 1M --replicas 2,4")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--codec", default=None, help="NoLoCo payload codec (default: default_run.toml's, int8-ef)")
     parser.add_argument("--rate-mbit", type=float, default=100.0)
     parser.add_argument("--delay-ms", type=float, default=25.0, help="one-way delay (round trip: twice this)")
@@ -606,6 +611,9 @@ def main() -> None:
         args.sizes, args.replicas = "1M", "2,4"
     args.sizes = [parse_size(s) for s in args.sizes.split(",")]
     args.replicas = [int(n) for n in args.replicas.split(",")]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not args.methods or set(args.methods) - set(METHODS):
+        parser.error(f"--methods: choose from {', '.join(METHODS)}")
 
     import torch  # only for the header line
 

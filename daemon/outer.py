@@ -46,15 +46,16 @@ from swarmd.protocols.wire import Message, RemoteError, encode_message
 from swarmd.swarm.outer import (
     OuterState, chunk_bounds, divergence, outer_step_, payload_problem, squared_norms, sum_of_squares,
 )
-from swarmd.swarm.pairing import PairingState, Phase, choose_partner
+from swarmd.swarm.pairing import TAKEN, PairingState, Phase, choose_partner
 from swarmd.swarm.routing import BanList
 
 logger = logging.getLogger(__name__)
 
-CHUNKS_IN_FLIGHT = 4  # chunk RPCs the driver keeps open at once
+CHUNKS_IN_FLIGHT = 16  # chunk RPCs the driver keeps open at once
 BOARD_POLL_S = 0.25  # how often a waiting replica rereads the ready board
 PROPOSAL_TIMEOUT_S = 5.0
 REFUSAL_MEMORY_S = 1.0  # a replica that refused us is asked again after this long
+BOARD_UPDATE_S = 1e-3  # a "paired" entry expires just after the "ready" one it replaces (the DHT keeps the later)
 
 
 async def run_at_boundaries(
@@ -78,7 +79,9 @@ async def run_at_boundaries(
 class Replica(Protocol):
     """The weights an outer step reads and writes, as one flat float32 vector (called on the lane)."""
 
-    def read_flat(self) -> torch.Tensor: ...
+    def read_flat(self) -> torch.Tensor:
+        """A new flat copy of the weights: the outer step keeps it and uses it as scratch space."""
+        ...
 
     def write_flat(self, flat: torch.Tensor) -> None: ...
 
@@ -154,6 +157,7 @@ class NoLoCoService:
         self.results: Counter[str] = Counter()  # outer steps taken, by result
         self._exchange: _Exchange | None = None
         self._paired = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()  # fire-and-forget board updates, kept until done
 
     async def start(self) -> None:
         """Take phi from the current weights and serve the outer-step RPCs."""
@@ -168,7 +172,14 @@ class NoLoCoService:
                                    channel="averaging", on_reject=self._on_reject)
 
     async def close(self) -> None:
-        """Nothing to stop: the handlers go with the node's P2P."""
+        """Cancel pending board updates; the handlers go with the node's P2P."""
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _background(self, coro: Awaitable[object]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # ---- one outer step ------------------------------------------------------------------------
 
@@ -265,26 +276,57 @@ class NoLoCoService:
 
     async def _find_partner(self, deadline: float) -> bool:
         """Post ourselves on the ready board and pair before ``deadline``. True if paired."""
+        expiration = get_dht_time() + max(0.5, deadline - time.monotonic())
+        # Post and look for partners at once: a DHT store can take a while (it first finds the key's nodes).
+        posted = asyncio.ensure_future(self._post_ready(expiration, paired=False))
         try:
-            await self.dht.store(ready_key(self.run_id, self.stage), encode_ready(self.state.outer_step, self.state.numel),
-                                 get_dht_time() + max(0.5, deadline - time.monotonic()), subkey=self.peer_id)
-        except Exception as e:  # we can still be found by nobody, but may find others
+            paired = await self._pair_before(deadline)
+        finally:
+            # take ourselves off the board (a later entry for our subkey) so nobody wastes a proposal on us
+            self._background(self._mark_paired(posted, expiration) if self.pairing.phase is Phase.PAIRED else posted)
+        return paired
+
+    async def _mark_paired(self, posted: asyncio.Future, expiration: float) -> None:
+        await posted
+        await self._post_ready(expiration + BOARD_UPDATE_S, paired=True)
+
+    async def _post_ready(self, expiration: float, paired: bool) -> bool:
+        try:
+            return bool(await self.dht.store(
+                ready_key(self.run_id, self.stage), encode_ready(self.state.outer_step, self.state.numel, paired),
+                expiration, subkey=self.peer_id,
+            ))
+        except Exception as e:
             logger.debug("posting on the ready board failed: %s", e)
-        refused: dict[str, float] = {}
-        while (left := deadline - time.monotonic()) > 0:
+            return False
+
+    async def _pair_before(self, deadline: float) -> bool:
+        refused: dict[str, float] = {}  # busy right now: asked again after REFUSAL_MEMORY_S
+        taken: set[str] = set()  # paired with someone else: not asked again in this outer step
+        while deadline - time.monotonic() > 0:
             if self.pairing.phase is Phase.PAIRED:
                 return True
-            now = time.monotonic()
+            read_at = time.monotonic()
             ready = [p for p in await self._read_board() if not self.bans.is_banned(p, time.time())]
-            recent = {p for p, at in refused.items() if now - at < REFUSAL_MEMORY_S}
-            candidate = choose_partner(self.peer_id, ready, recent, self.rng)
-            if candidate is not None and self.pairing.phase is Phase.READY:
-                if await self._propose(candidate, min(left, PROPOSAL_TIMEOUT_S)):
+            logger.debug("ready board: %d others (read in %.2f s)", len(ready), time.monotonic() - read_at)
+            # Work through this read before the next one: a board read can take seconds on a busy DHT.
+            while self.pairing.phase is Phase.READY and (left := deadline - time.monotonic()) > 0:
+                now = time.monotonic()
+                skip = taken | {p for p, at in refused.items() if now - at < REFUSAL_MEMORY_S}
+                candidate = choose_partner(self.peer_id, ready, skip, self.rng)
+                if candidate is None:
+                    break
+                answer = await self._propose(candidate, min(left, PROPOSAL_TIMEOUT_S))
+                if answer is None:
                     return True
-                refused[candidate] = time.monotonic()
-                continue
+                if answer == TAKEN:
+                    taken.add(candidate)
+                else:
+                    refused[candidate] = time.monotonic()
+            if self.pairing.phase is Phase.PAIRED:
+                return True
             try:
-                await asyncio.wait_for(self._paired.wait(), min(left, BOARD_POLL_S))
+                await asyncio.wait_for(self._paired.wait(), max(0.0, min(deadline - time.monotonic(), BOARD_POLL_S)))
             except asyncio.TimeoutError:
                 pass
         return self.pairing.phase is Phase.PAIRED
@@ -297,20 +339,24 @@ class NoLoCoService:
             return []
         return [p for p in ready_peers(record, self.state.numel) if p != self.peer_id]
 
-    async def _propose(self, candidate: str, timeout: float) -> bool:
+    async def _propose(self, candidate: str, timeout: float) -> str | None:
+        """Propose to ``candidate``. None if it accepted, else why not (``TAKEN``: paired with another)."""
         session = os.urandom(16)
         self.pairing.propose(candidate, session)
         request = encode_message("pair_request", {"session": session, "stage": self.stage, "numel": self.state.numel})
         try:
             await self.transport.call(candidate, rpc.PAIR, "pair", request, timeout=timeout, channel="averaging")
-            accepted = True
+            refusal = None
         except asyncio.CancelledError:
             raise
-        except Exception as e:
+        except RemoteError as e:
             logger.debug("proposal to %s refused: %s", candidate[-8:], e)
-            accepted = False
-        self.pairing.answered(accepted)
-        return accepted
+            refusal = e.message
+        except Exception as e:
+            logger.debug("proposal to %s failed: %s: %s", candidate[-8:], type(e).__name__, e)
+            refusal = f"{type(e).__name__}: {e}"
+        self.pairing.answered(refusal is None)
+        return refusal
 
     async def _on_pair(self, sender: str, message: Message) -> bytes:
         fields = message.fields

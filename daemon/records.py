@@ -25,8 +25,12 @@ def ready_key(run_id: str, stage: int) -> str:
     return f"swarmd/{run_id}/ready/{stage}"
 
 
-def encode_ready(outer_step: int, numel: int) -> bytes:
-    return msgpack.packb({"outer": outer_step, "numel": numel}, use_bin_type=True)
+def encode_ready(outer_step: int, numel: int, paired: bool = False) -> bytes:
+    """A ready-board entry. ``paired`` marks a replica that found its partner: proposers skip it."""
+    entry = {"outer": outer_step, "numel": numel}
+    if paired:
+        entry["paired"] = True
+    return msgpack.packb(entry, use_bin_type=True)
 
 
 def _peer_entries(record: Any) -> Iterator[tuple[str, Any]]:
@@ -39,7 +43,7 @@ def _peer_entries(record: Any) -> Iterator[tuple[str, Any]]:
 
 
 def ready_peers(record: Any, numel: int) -> list[str]:
-    """Peer ids on a ready board record whose entry is well formed and of our parameter count."""
+    """Peer ids on a ready board record whose entry is well formed, of our parameter count and not paired yet."""
     peers = []
     for subkey, item in _peer_entries(record):
         value = item.value
@@ -47,7 +51,7 @@ def ready_peers(record: Any, numel: int) -> list[str]:
             continue
         try:
             raw = msgpack.unpackb(value, raw=False, max_map_len=4, max_str_len=64)
-            ok = isinstance(raw, dict) and raw.get("numel") == numel
+            ok = isinstance(raw, dict) and raw.get("numel") == numel and raw.get("paired") is not True
         except (ValueError, TypeError, msgpack.ExtraData):
             ok = False
         if ok:

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from enum import Enum
 
 
+TAKEN = "already paired for this outer step"  # the refusal that will not change before the next step
+
+
 class Phase(Enum):
     IDLE = "idle"  # between outer boundaries: proposals are refused
     READY = "ready"  # at a boundary, unpaired: the first proposal is accepted
@@ -46,6 +49,8 @@ class PairingState:
 
     def on_proposal(self, sender: str, session: bytes) -> str | None:
         """A proposal arrived. Accept it (None; we are now paired) or say why not."""
+        if self.phase is Phase.PAIRED:
+            return TAKEN
         if self.phase is not Phase.READY:
             return f"not ready for a partner ({self.phase.value})"
         if not sender < self.peer_id:

@@ -34,6 +34,11 @@ def test_ready_peers_lists_well_formed_entries():
     assert sorted(ready_peers(record, NUMEL)) == ["peerA", "peerB"]
 
 
+def test_ready_peers_skips_paired_replicas():
+    record = board({"waiting": encode_ready(3, NUMEL), "taken": encode_ready(3, NUMEL, paired=True)})
+    assert ready_peers(record, NUMEL) == ["waiting"]
+
+
 def test_ready_peers_empty_boards():
     assert ready_peers(None, NUMEL) == []
     assert ready_peers(SimpleNamespace(value=b"not a dict"), NUMEL) == []
