@@ -24,6 +24,16 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[str, Message], Awaitable[bytes]]
 
+OFF_LOOP_DECODE_BYTES = 1 << 20  # frames this large are decoded in a worker thread, not on the event loop
+
+
+async def _decode(decode: Callable[..., Message], data: bytes, limits: Limits,
+                  expected_kinds: Collection[str]) -> Message:
+    """Decode a frame; a large one (an outer-step chunk: ~10 ms of tensor work) off the event loop."""
+    if len(data) < OFF_LOOP_DECODE_BYTES:
+        return decode(data, limits, expected_kinds=expected_kinds)
+    return await asyncio.to_thread(decode, data, limits, expected_kinds=expected_kinds)
+
 
 class Transport:
     """Calls peers and serves handlers for one node, counting bytes, latency and rejections."""
@@ -48,7 +58,7 @@ class Transport:
         if channel is not None:
             self.metrics.bytes_sent.labels(channel).inc(len(request))
             self.metrics.bytes_received.labels(channel).inc(len(reply))
-        return decode_reply(reply, self.limits, expected_kinds=expected_kinds)
+        return await _decode(decode_reply, reply, self.limits, expected_kinds)
 
     async def _exchange(self, peer_id: str, rpc: str, request: bytes) -> bytes:
         _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), rpc)
@@ -79,7 +89,7 @@ class Transport:
                     data = await read_frame(reader, self.limits.max_message_bytes)
                     if channel is not None:
                         self.metrics.bytes_received.labels(channel).inc(len(data))
-                    message = decode_message(data, self.limits, expected_kinds=expected_kinds)
+                    message = await _decode(decode_message, data, self.limits, expected_kinds)
                     reply = await handler(peer_id, message)
                 except ProtocolError as e:
                     self.metrics.rejected.labels(e.reason).inc()
