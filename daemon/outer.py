@@ -307,7 +307,11 @@ class NoLoCoService:
             if self.pairing.phase is Phase.PAIRED:
                 return True
             read_at = time.monotonic()
-            ready = [p for p in await self._read_board() if not self.bans.is_banned(p, time.time())]
+            try:  # a slow DHT read must not hold us past the deadline
+                board = await asyncio.wait_for(self._read_board(), deadline - read_at)
+            except asyncio.TimeoutError:
+                break
+            ready = [p for p in board if not self.bans.is_banned(p, time.time())]
             logger.debug("ready board: %d others (read in %.2f s)", len(ready), time.monotonic() - read_at)
             # Work through this read before the next one: a board read can take seconds on a busy DHT.
             while self.pairing.phase is Phase.READY and (left := deadline - time.monotonic()) > 0:
