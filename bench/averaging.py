@@ -1,6 +1,7 @@
 """One outer synchronization: NoLoCo pair exchange vs hivemind all-reduce, N replicas, same run.
 
-    python bench/averaging.py [--sizes 10M,50M] [--replicas 2,4,8,16] [--no-shaped] [--no-loopback] [--quick]
+    python bench/averaging.py [--sizes 10M,50M] [--replicas 2,4,8,16] [--methods allreduce,noloco]
+                              [--no-shaped] [--no-loopback] [--quick]
 
 For each network, replica count N and model size P (fp32 parameters), N peer processes are started
 (each with its own p2pd; NAT traversal, AutoNAT and relays off; peers bootstrap only from peer 0):

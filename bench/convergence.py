@@ -175,8 +175,7 @@ def evaluate(replicas: list[Replica], scratch: StageModel, val: list) -> tuple[f
         loss = val_loss(replicas[0].model, val)
         return loss, loss
     mean = sum(val_loss(r.model, val) for r in replicas) / len(replicas)
-    with torch.no_grad():
-        assign_flat_(scratch.parameters(), torch.stack(flats).mean(0))
+    assign_flat_(scratch.parameters(), torch.stack(flats).mean(0))
     return mean, val_loss(scratch, val)
 
 
