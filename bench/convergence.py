@@ -3,22 +3,25 @@
     python bench/convergence.py [--steps 600] [--replicas 8] [--inner-steps 50] [--out bench/convergence.png]
     python bench/convergence.py --quick            # about a minute, for smoke testing
 
-R replicas of a small byte-level model (the demo's architecture, smaller) are simulated in one process,
-each with the daemon's inner AdamW (StageWorker's param groups, lr, betas, weight decay and grad clip from
-the embedded run spec) and its own data shard (ShardSampler shard i of R). Every method starts from the
-same weights and every replica draws the same batches in every method, so the runs differ only in how
-replicas are combined:
+R replicas of a small byte-level model (the demo's architecture, smaller) are simulated in one process. As in
+the swarm, the model is split into pipeline stages (the spec's, 2) and every stage has R replicas, each with
+the daemon's inner AdamW (StageWorker's param groups, lr, betas, weight decay and per-stage grad clip from the
+embedded run spec). Stream i's batches come from data shard i (ShardSampler shard i of R) and enter stage 0's
+replica i; every later stage hands the R microbatches to its replicas by a fresh random permutation each step,
+as the swarm's randomized pipelines route them (``--routing fixed``: stream i always meets replica i, i.e. R
+independent whole models). Every method starts from the same weights and draws the same batches and routes,
+so the runs differ only in how the replicas of a stage are combined:
 
-(a) sync-dp: gradients averaged over the R replicas every step; with equal shard batches that is one model
+(a) sync-dp: gradients averaged over the R streams every step; with equal shard batches that is one model
     stepping on the R batches concatenated, which is how it is computed here;
-(b) diloco:  every H inner steps all replicas average pseudo-gradients, outer Nesterov SGD (swarm/diloco.py);
-(c) noloco:  every H inner steps replicas pair by a random perfect matching and each applies
+(b) diloco:  every H inner steps a stage's replicas average pseudo-gradients, outer Nesterov SGD (swarm/diloco.py);
+(c) noloco:  every H inner steps a stage's replicas pair by a random perfect matching and each applies
     swarm/noloco.py's update with its partner's phi and theta - phi;
-(d) none:    R independent replicas.
+(d) none:    the replicas never combine weights (random routing still mixes them).
 
 Validation loss (fixed batches from the end of the embedded corpus) is measured every --eval-every steps,
-right after any outer step. For the replicated methods the table reports the mean of the replicas' losses
-and the loss of the replicas' averaged weights. Wall time counts training and outer steps, not evaluation.
+right after any outer step. For the replicated methods the table reports the mean loss of the R chains
+(replica i of every stage) and the loss of every stage's replicas averaged. Wall time counts training and outer steps, not evaluation.
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ class Setup:
     iid: bool = False  # every replica samples the whole train set (else: its own contiguous shard)
     cosine: bool = False  # inner lr: linear warm-up (4% of the steps), cosine decay to 10%
     diloco_nesterov: bool = True
+    stages: int = 1  # pipeline stages; replicas combine per stage
+    random_routing: bool = True  # each step, each stage after the first takes microbatches by a random permutation
 
     @property
     def tokens_per_step(self) -> int:
@@ -98,37 +103,25 @@ class Curve:
     train_s: float = 0.0
 
 
-class Replica:
-    """One simulated peer: a full model, its inner AdamW as the daemon's StageWorker sets it up, its shards.
+class StageReplica:
+    """One simulated peer serving one stage: its part of the model and its inner AdamW as the daemon's
+    StageWorker sets them up (param groups, lr, betas, weight decay, per-stage grad clip)."""
 
-    With several shards it trains on their batches concatenated (sync-dp: one model, R x the batch).
-    """
-
-    def __init__(self, setup: Setup, shards: list[int]):
+    def __init__(self, setup: Setup, stage: int):
         o = setup.optimizer
-        self.model = build_stage(setup.model, 0, 1, setup.seed)
+        self.model = build_stage(setup.model, stage, setup.stages, setup.seed)
         self.optimizer = torch.optim.AdamW(
             optimizer_param_groups(self.model, o.weight_decay),
             lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay,
         )
         self.grad_clip = o.grad_clip
-        self.samplers = [
-            # iid: one shard covering everything, a different random stream per replica
-            ShardSampler(setup.train, setup.seq_len, setup.batch, 0, 1, setup.seed * 1000 + shard) if setup.iid
-            else ShardSampler(setup.train, setup.seq_len, setup.batch, shard, setup.replicas, setup.seed)
-            for shard in shards
-        ]
         self.schedule = (
             torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: cosine_factor(step, setup.steps))
             if setup.cosine else None
         )
 
-    def step(self) -> None:
-        """One inner step, as StageWorker._step: mean loss, clip the global norm, skip non-finite steps."""
-        batches = [sampler.next_batch() for sampler in self.samplers]
-        inputs = torch.cat([b[0] for b in batches])
-        targets = torch.cat([b[1] for b in batches])
-        lm_loss(self.model(inputs), targets).backward()
+    def apply_gradients(self) -> None:
+        """One inner step, as StageWorker._step: clip this stage's norm, skip a non-finite step, clear."""
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         if math.isfinite(float(norm)):
             self.optimizer.step()
@@ -149,6 +142,54 @@ class Replica:
         assign_flat_(self.model.parameters(), flat)
 
 
+class SimulatedSwarm:
+    """``streams`` data streams through ``setup.stages`` stages, each stage served by ``streams`` replicas.
+
+    Stream i's batches come from shard i and enter stage 0's replica i (the driver holding that shard). With
+    random routing each later stage hands its ``streams`` microbatches to its replicas by a fresh random
+    permutation every step, as the swarm's balanced randomized pipelines do; with fixed routing stream i always
+    meets replica i of every stage (independent whole-model replicas). Every replica thus takes one microbatch
+    per inner step. sync-dp is one stream over all shards concatenated, one replica per stage.
+    """
+
+    def __init__(self, setup: Setup, shards_per_stream: list[list[int]]):
+        self.setup = setup
+        self.streams = len(shards_per_stream)
+        self.stages = [[StageReplica(setup, s) for _ in range(self.streams)] for s in range(setup.stages)]
+        self.samplers = [
+            [
+                # iid: one shard covering everything, a different random stream per replica
+                ShardSampler(setup.train, setup.seq_len, setup.batch, 0, 1, setup.seed * 1000 + shard) if setup.iid
+                else ShardSampler(setup.train, setup.seq_len, setup.batch, shard, setup.replicas, setup.seed)
+                for shard in shards
+            ]
+            for shards in shards_per_stream
+        ]
+        # The same routing draws for every method, so the runs differ only in how replicas are combined.
+        self.routing = torch.Generator().manual_seed(setup.seed + 1)
+
+    def step(self) -> None:
+        """One inner step: every stream's microbatch forward and backward through its route, then every replica steps."""
+        identity = list(range(self.streams))
+        routes = [identity] + [
+            torch.randperm(self.streams, generator=self.routing).tolist() if self.setup.random_routing else identity
+            for _ in range(1, self.setup.stages)
+        ]
+        for i, samplers in enumerate(self.samplers):
+            batches = [sampler.next_batch() for sampler in samplers]
+            x = torch.cat([b[0] for b in batches])
+            for stage, route in zip(self.stages, routes):
+                x = stage[route[i]].model(x)
+            lm_loss(x, torch.cat([b[1] for b in batches])).backward()
+        for stage in self.stages:
+            for replica in stage:
+                replica.apply_gradients()
+
+    def chains(self) -> list[list[StageModel]]:
+        """Stream i's models through replica i of every stage (for evaluation)."""
+        return [[stage[i].model for stage in self.stages] for i in range(self.streams)]
+
+
 def cosine_factor(step: int, steps: int) -> float:
     """Inner lr multiplier: linear warm-up over 4% of ``steps``, then cosine decay to 0.1 (as NoLoCo's configs)."""
     warmup = max(1, steps // 25)
@@ -159,44 +200,47 @@ def cosine_factor(step: int, steps: int) -> float:
 
 
 @torch.no_grad()
-def val_loss(model: StageModel, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean next-byte cross-entropy over all validation windows."""
+def val_loss(chain: list[StageModel], batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean next-byte cross-entropy of the stage models run in order over all validation windows."""
     total, count = 0.0, 0
     for inputs, targets in batches:
-        total += float(lm_loss(model(inputs), targets)) * inputs.shape[0]
+        x = inputs
+        for model in chain:
+            x = model(x)
+        total += float(lm_loss(x, targets)) * inputs.shape[0]
         count += inputs.shape[0]
     return total / count
 
 
-def evaluate(replicas: list[Replica], scratch: StageModel, val: list) -> tuple[float, float]:
-    """(mean of the replicas' losses, loss of their averaged weights); one evaluation when all are equal."""
-    flats = [r.flat() for r in replicas]
-    if all(torch.equal(f, flats[0]) for f in flats[1:]):
-        loss = val_loss(replicas[0].model, val)
+def evaluate(swarm: SimulatedSwarm, scratch: list[StageModel], val: list) -> tuple[float, float]:
+    """(mean loss over the streams' chains, loss of every stage's replicas averaged); one evaluation if all equal."""
+    flats = [[r.flat() for r in stage] for stage in swarm.stages]
+    chains = swarm.chains()
+    if all(torch.equal(f, stage[0]) for stage in flats for f in stage[1:]):
+        loss = val_loss(chains[0], val)
         return loss, loss
-    mean = sum(val_loss(r.model, val) for r in replicas) / len(replicas)
-    assign_flat_(scratch.parameters(), torch.stack(flats).mean(0))
+    mean = sum(val_loss(chain, val) for chain in chains) / len(chains)
+    for model, stage in zip(scratch, flats):
+        assign_flat_(model.parameters(), torch.stack(stage).mean(0))
     return mean, val_loss(scratch, val)
 
 
 def run_method(method: str, setup: Setup) -> Curve:
     """Train ``method`` for ``setup.steps`` inner steps, evaluating along the way."""
     a, n = setup.averaging, setup.replicas
-    if method == "sync-dp":
-        replicas = [Replica(setup, list(range(n)))]
-    else:
-        replicas = [Replica(setup, [i]) for i in range(n)]
-    scratch = build_stage(setup.model, 0, 1, setup.seed)
-    phi = replicas[0].flat()  # all replicas start from the same weights
-    momentum = torch.zeros_like(phi)  # DiLoCo's outer Nesterov buffer (zero start = torch's b = g)
-    phis = [phi.clone() for _ in range(n)]  # NoLoCo: each replica's own outer copy ...
-    deltas = [torch.zeros_like(phi) for _ in range(n)]  # ... and outer momentum
+    swarm = SimulatedSwarm(setup, [list(range(n))] if method == "sync-dp" else [[i] for i in range(n)])
+    scratch = [build_stage(setup.model, s, setup.stages, setup.seed) for s in range(setup.stages)]
+    # Outer state per stage: replicas of a stage only ever combine with each other.
+    phi = [stage[0].flat() for stage in swarm.stages]  # all replicas start from the same weights
+    momentum = [torch.zeros_like(p) for p in phi]  # DiLoCo's outer Nesterov buffer (zero start = torch's b = g)
+    phis = [[p.clone() for _ in range(n)] for p in phi]  # NoLoCo: each replica's own outer copy ...
+    deltas = [[torch.zeros_like(p) for _ in range(n)] for p in phi]  # ... and outer momentum
     matching = torch.Generator().manual_seed(setup.seed)
 
     curve = Curve(method)
 
     def record(step: int) -> None:
-        mean, avg = evaluate(replicas, scratch, setup.val)
+        mean, avg = evaluate(swarm, scratch, setup.val)
         curve.tokens.append(step * setup.tokens_per_step)
         curve.mean_loss.append(mean)
         curve.avg_loss.append(avg)
@@ -206,29 +250,30 @@ def run_method(method: str, setup: Setup) -> Curve:
     record(0)
     for step in range(1, setup.steps + 1):
         start = time.perf_counter()
-        for replica in replicas:
-            replica.step()
+        swarm.step()
         if method in ("diloco", "noloco") and step % setup.inner_steps == 0:
-            thetas = [r.flat() for r in replicas]
-            if method == "diloco":
-                phi, momentum = diloco_update(
-                    phi, average_progress(phi, thetas), momentum, lr=a.diloco_lr, momentum_coef=a.diloco_momentum,
-                    nesterov=setup.diloco_nesterov,
-                )
-                for replica in replicas:
-                    replica.load(phi)
-            else:
-                order = torch.randperm(n, generator=matching).tolist()
+            for s, replicas in enumerate(swarm.stages):
+                thetas = [r.flat() for r in replicas]
+                if method == "diloco":
+                    phi[s], momentum[s] = diloco_update(
+                        phi[s], average_progress(phi[s], thetas), momentum[s], lr=a.diloco_lr,
+                        momentum_coef=a.diloco_momentum, nesterov=setup.diloco_nesterov,
+                    )
+                    for replica in replicas:
+                        replica.load(phi[s])
+                    continue
+                order = torch.randperm(n, generator=matching).tolist()  # a fresh matching per stage
                 partner = {}
                 for i, j in zip(order[0::2], order[1::2]):  # odd n: the last one steps alone
                     partner[i], partner[j] = j, i
                 updates = []
                 for i in range(n):  # every update reads the pre-step phis and thetas
                     j = partner.get(i)
-                    peer = (phis[j], thetas[j] - phis[j]) if j is not None else (None, None)
-                    updates.append(noloco_update(phis[i], thetas[i], deltas[i], *peer, beta=a.beta, gamma=a.gamma, mu=a.mu))
+                    peer = (phis[s][j], thetas[j] - phis[s][j]) if j is not None else (None, None)
+                    updates.append(noloco_update(phis[s][i], thetas[i], deltas[s][i], *peer,
+                                                 beta=a.beta, gamma=a.gamma, mu=a.mu))
                 for i, (new_phi, theta, delta) in enumerate(updates):
-                    phis[i], deltas[i] = new_phi, delta
+                    phis[s][i], deltas[s][i] = new_phi, delta
                     replicas[i].load(theta)
         curve.train_s += time.perf_counter() - start
         if step % setup.eval_every == 0 or step == setup.steps:
@@ -255,8 +300,9 @@ def plot(curves: list[Curve], setup: Setup, path: Path) -> None:
     ax.set_ylim(min(later) - 0.05, max(later) + 0.05)
     ax.set_xlabel("tokens trained, all replicas (millions)")
     ax.set_ylabel("validation loss (nats/byte)")
-    ax.set_title(f"{setup.replicas} replicas, H = {setup.inner_steps}, dim {setup.model.dim} x "
-                 f"{setup.model.n_layers} layers", fontsize=10)
+    ax.set_title(f"{setup.replicas} replicas x {setup.stages} stage(s), "
+                 f"{'random' if setup.random_routing else 'fixed'} routing, H = {setup.inner_steps}, "
+                 f"dim {setup.model.dim} x {setup.model.n_layers} layers", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -273,6 +319,10 @@ def main() -> int:
     parser.add_argument("--eval-every", type=int, help="steps between evaluations (default: --inner-steps)")
     parser.add_argument("--dim", type=int, default=64, help="model width (default 64; the demo uses 128)")
     parser.add_argument("--layers", type=int, default=2, help="model depth (default 2; the demo uses 4)")
+    parser.add_argument("--stages", type=int, help="pipeline stages (default: the spec's, 2)")
+    parser.add_argument("--routing", choices=("random", "fixed"), default="random",
+                        help="random: every step each later stage takes the microbatches by a random permutation, as "
+                        "the swarm routes them (default); fixed: stream i always meets replica i of every stage")
     parser.add_argument("--batch", type=int, help="sequences per replica per step (default: the spec's microbatch)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -300,6 +350,8 @@ def main() -> int:
     eval_every = args.eval_every or inner_steps
     if min(steps, inner_steps, eval_every, args.replicas, args.threads) < 1:
         parser.error("--steps, --inner-steps, --eval-every, --replicas and --threads must be >= 1")
+    if args.stages is not None and not 1 <= args.stages <= args.layers:
+        parser.error(f"--stages must be in 1..{args.layers} (--layers)")
 
     torch.set_num_threads(args.threads)
     spec = RunSpec.load(args.spec)
@@ -318,11 +370,12 @@ def main() -> int:
         batch=args.batch or spec.pipeline.microbatch_size, seq_len=seq_len, train=train,
         val=validation_batches(val, seq_len, 32, 2 if args.quick else 4),
         iid=args.iid, cosine=args.cosine, diloco_nesterov=not args.diloco_heavy_ball,
+        stages=args.stages or spec.pipeline.stages, random_routing=args.routing == "random",
     )
     o, a = setup.optimizer, setup.averaging
     val_windows = sum(inputs.shape[0] for inputs, _ in setup.val)
     print(f"model dim {model.dim} x {model.n_layers} layers ({count_parameters(build_stage(model, 0, 1, 0)):,} "
-          f"params), {setup.replicas} replicas x {setup.batch} x {seq_len} tokens per step, {steps} steps "
+          f"params), {setup.stages} stage(s), {'random' if setup.random_routing else 'fixed'} routing, {setup.replicas} replicas x {setup.batch} x {seq_len} tokens per step, {steps} steps "
           f"({steps * setup.tokens_per_step / 1e6:.2f}M tokens), H {inner_steps}; AdamW lr {o.lr} wd "
           f"{o.weight_decay} betas ({o.beta1}, {o.beta2}) clip {o.grad_clip}{' cosine' if setup.cosine else ''}; "
           f"{'iid' if setup.iid else 'contiguous'} shards; DiLoCo lr {a.diloco_lr} "
