@@ -41,9 +41,11 @@ class DiLoCoService:
         self._averager = None
         self._buffer: torch.Tensor | None = None
 
-    async def start(self) -> None:
-        """Start hivemind's DHT process and averager."""
-        self.state = OuterState.start(await self.lane.run(self.replica.read_flat))
+    async def start(self, adopt: OuterState | None = None) -> None:
+        """Take phi from the current weights (or ``adopt`` a live replica's, for a joiner: the stage's
+        shared phi and momentum), then start hivemind's DHT process and averager."""
+        theta = await self.lane.run(self.replica.read_flat)
+        self.state = OuterState.start(theta) if adopt is None else OuterState.adopt(theta, adopt)
         self._buffer = torch.zeros_like(self.state.phi).cpu()
         from hivemind import DHT
 

@@ -38,10 +38,13 @@ from swarmd.swarm.balancing import choose_stage
 from swarmd.swarm.data import ShardSampler, builtin_corpus, load_corpus, split_corpus
 from swarmd.swarm.model import build_stage
 from swarmd.swarm.outer import ParameterReplica
+from swarmd.swarm.routing import PeerInfo
 from swarmd.swarm.stage import StageWorker
 
 logger = logging.getLogger(__name__)
 VERSION = "0.1.0"
+JOIN_READS = 3  # reads of our stage's record before concluding nobody serves it yet
+JOIN_REREAD_S = 1.0
 
 
 @dataclass
@@ -153,12 +156,14 @@ class Node:
             model, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), grad_clip=o.grad_clip,
             microbatches_per_step=o.microbatches_per_step, device=options.device,
         )
-        live = [p for p in self.peers.stage(stage) if p.peer_id != self.peer_id]
+        live = await self._stage_peers(stage)
+        adopted = None  # the source's outer state, taken over with its weights
         if live and max(p.inner_step for p in live) > 0:
             source = max(live, key=lambda p: p.inner_step)
             print(f"downloading stage {stage} weights from {source.peer_id} (step {source.inner_step})", flush=True)
-            await download_stage_state(self.transport, source.peer_id, stage, self.worker, self.lane)
-        await serve_state(self.transport, stage, self.worker, self.lane)
+            adopted = await download_stage_state(self.transport, source.peer_id, stage, self.worker, self.lane)
+        await serve_state(self.transport, stage, self.worker, self.lane,
+                          lambda: self.outer.state if self.outer is not None else None)
         sampler = None
         if stage == 0:
             corpus = builtin_corpus() if spec.data.source == "builtin" else load_corpus(
@@ -190,7 +195,22 @@ class Node:
                 lane=self.lane, replica=ParameterReplica(self.worker.model), metrics=self.metrics,
             )
         if self.outer is not None:
-            await self.outer.start()
+            await self.outer.start(adopted)
+            if adopted is not None:
+                print(f"adopted the outer state of {source.peer_id} (outer step {adopted.outer_step})", flush=True)
+
+    async def _stage_peers(self, stage: int) -> list[PeerInfo]:
+        """Live peers of ``stage`` other than us, for the state download. A node fresh in the DHT can read
+        an empty record (its first lookups race its routing table filling in): an empty answer is re-read
+        a few times, so a joiner of a running swarm does not start from scratch."""
+        for attempt in range(JOIN_READS):
+            if attempt:
+                await asyncio.sleep(JOIN_REREAD_S)
+                await self.peers.refresh(self.dht, self.spec.run_id)
+            live = [p for p in self.peers.stage(stage) if p.peer_id != self.peer_id]
+            if live:
+                break
+        return live
 
     # ---- spec ----------------------------------------------------------------------------------
 

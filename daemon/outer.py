@@ -159,9 +159,11 @@ class NoLoCoService:
         self._paired = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()  # fire-and-forget board updates, kept until done
 
-    async def start(self) -> None:
-        """Take phi from the current weights and serve the outer-step RPCs."""
-        self.state = OuterState.start(await self.lane.run(self.replica.read_flat))
+    async def start(self, adopt: OuterState | None = None) -> None:
+        """Take phi from the current weights (or ``adopt`` a live replica's outer state, for a joiner that
+        downloaded that replica's weights) and serve the outer-step RPCs."""
+        theta = await self.lane.run(self.replica.read_flat)
+        self.state = OuterState.start(theta) if adopt is None else OuterState.adopt(theta, adopt)
         if self.codec in QUANT_CODECS and QUANT_CODECS[self.codec][1]:
             self.state.residual_phi = torch.zeros_like(self.state.phi)
             self.state.residual_progress = torch.zeros_like(self.state.phi)

@@ -1,6 +1,14 @@
-"""Stage state transfer: a joiner downloads its stage's current weights from a live replica."""
+"""Stage state transfer: a joiner downloads its stage's current weights from a live replica, and with them
+the replica's outer state (phi, outer momentum, outer step count) when the run averages (NoLoCo, DiLoCo).
+
+Without the outer state a joiner would start with phi = theta: its first pseudo-gradient would miss the
+inner progress the replica made before the join, and under DiLoCo its phi would differ from the stage's
+shared one for good. With it, the joiner is a clone of the replica it downloaded from.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from swarmd.daemon.compute import ComputeLane
@@ -9,25 +17,44 @@ from swarmd.protocols import rpc
 from swarmd.protocols.codecs import encode_tensor
 from swarmd.protocols.errors import ProtocolError
 from swarmd.protocols.wire import Message, encode_message
+from swarmd.swarm.outer import OuterState
 from swarmd.swarm.stage import StageWorker
 
 STATE_TIMEOUT_S = 120.0
+# Names of the outer-state tensors after the model's own: '/' never appears in a torch state_dict name.
+OUTER_NAMES = ("outer/phi", "outer/delta")
+
+OuterSource = Callable[[], "OuterState | None"]  # the outer state to share, read on the lane
 
 
-def _snapshot(worker: StageWorker) -> tuple[int, list[str], list]:
+def _no_outer() -> OuterState | None:
+    return None
+
+
+def _snapshot(worker: StageWorker, outer: OuterSource) -> tuple[dict, list]:
+    """On the lane, so weights, inner step and outer state are one consistent moment."""
     state = worker.model.state_dict()
     names = sorted(state)
-    return worker.inner_step, names, [encode_tensor(state[n].detach().cpu(), "none") for n in names]
+    tensors = [encode_tensor(state[n].detach().cpu(), "none") for n in names]
+    fields = {"inner_step": worker.inner_step, "names": names}
+    if (own := outer()) is not None:
+        fields["names"] = names + list(OUTER_NAMES)
+        fields["outer_step"] = own.outer_step
+        tensors += [encode_tensor(own.phi.detach().cpu(), "none"), encode_tensor(own.delta.detach().cpu(), "none")]
+    return fields, tensors
 
 
-async def serve_state(transport: Transport, stage: int, worker: StageWorker, lane: ComputeLane) -> None:
-    """Answer state requests for ``stage`` with the model weights and inner step (a lane snapshot)."""
+async def serve_state(
+    transport: Transport, stage: int, worker: StageWorker, lane: ComputeLane, outer: OuterSource = _no_outer
+) -> None:
+    """Answer state requests for ``stage`` with the model weights, the inner step and, when ``outer()``
+    returns one, the outer state (a lane snapshot)."""
 
     async def on_state(sender: str, message: Message) -> bytes:
         if message.fields["stage"] != stage:
             raise ProtocolError("wrong_stage", f"this node serves stage {stage}, not {message.fields['stage']}")
-        step, names, tensors = await lane.run(_snapshot, worker)
-        return encode_message("state", {"stage": stage, "inner_step": step, "names": names}, tensors)
+        fields, tensors = await lane.run(_snapshot, worker, outer)
+        return encode_message("state", {"stage": stage, **fields}, tensors)
 
     await transport.serve(rpc.STATE, "state", on_state, ("state_request",), channel="state")
 
@@ -43,10 +70,27 @@ def _load(worker: StageWorker, names: list[str], tensors: list[torch.Tensor], st
     worker.inner_step = step
 
 
+def outer_from_reply(
+    names: list[str], tensors: list[torch.Tensor], outer_step: int | None, numel: int
+) -> tuple[list[str], list[torch.Tensor], OuterState | None]:
+    """Split a state reply into the model's (names, tensors) and the outer state, checked against the
+    model's ``numel`` parameters (flat float32 phi and delta; finiteness was checked by the codec)."""
+    if outer_step is None:
+        return names, tensors, None
+    if tuple(names[-len(OUTER_NAMES):]) != OUTER_NAMES:
+        raise ProtocolError("malformed", f"a state reply with an outer step must end with {OUTER_NAMES}")
+    phi, delta = tensors[-2:]
+    for name, t in zip(OUTER_NAMES, (phi, delta)):
+        if t.dtype != torch.float32 or tuple(t.shape) != (numel,):
+            raise ProtocolError("shape", f"{name}: {tuple(t.shape)} {t.dtype}, expected ({numel},) float32")
+    return names[:-2], tensors[:-2], OuterState(phi=phi, delta=delta, outer_step=outer_step)
+
+
 async def download_stage_state(
     transport: Transport, peer_id: str, stage: int, worker: StageWorker, lane: ComputeLane
-) -> None:
-    """Fetch and verify ``stage``'s weights from ``peer_id`` and load them (shapes, dtypes, finiteness)."""
+) -> OuterState | None:
+    """Fetch and verify ``stage``'s weights from ``peer_id`` and load them (shapes, dtypes, finiteness).
+    Returns the peer's outer state, for the joiner's outer service to adopt (None if it sent none)."""
     reply = await transport.call(
         peer_id, rpc.STATE, "state", encode_message("state_request", {"stage": stage}),
         timeout=STATE_TIMEOUT_S, channel="state", expected_kinds=("state",),
@@ -54,4 +98,7 @@ async def download_stage_state(
     fields = reply.fields
     if fields["stage"] != stage or len(fields["names"]) != len(reply.tensors):
         raise ProtocolError("malformed", "state reply does not match the request")
-    await lane.run(_load, worker, fields["names"], reply.tensors, fields["inner_step"])
+    numel = sum(p.numel() for p in worker.model.parameters())
+    names, tensors, outer = outer_from_reply(fields["names"], reply.tensors, fields.get("outer_step"), numel)
+    await lane.run(_load, worker, names, tensors, fields["inner_step"])
+    return outer

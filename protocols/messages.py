@@ -134,6 +134,8 @@ KINDS: Mapping[str, KindSpec] = MappingProxyType(
                 "names": FieldSpec(
                     "list", max_len=MAX_STATE_TENSORS, item=FieldSpec("str", max_len=MAX_PARAM_NAME_CHARS)
                 ),
+                # present when the sender shares its outer state (the last two names: outer/phi, outer/delta)
+                "outer_step": FieldSpec("int", required=False, lo=0, hi=INT64_MAX),
             },
             max_tensors=MAX_STATE_TENSORS,
             tensors_match="names",

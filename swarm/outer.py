@@ -75,6 +75,16 @@ class OuterState:
         theta = theta.detach().float()
         return cls(phi=theta.clone(), delta=torch.zeros_like(theta))
 
+    @classmethod
+    def adopt(cls, theta: torch.Tensor, other: OuterState) -> OuterState:
+        """A joiner's outer state: the phi, delta and outer step of the replica whose weights it downloaded,
+        on ``theta``'s device (no error-feedback residuals: those belong to the sender's own payloads)."""
+        theta = theta.detach()
+        if other.phi.shape != (theta.numel(),) or other.delta.shape != (theta.numel(),):
+            raise ValueError(f"outer state of {other.phi.numel()} parameters for a replica of {theta.numel()}")
+        return cls(phi=other.phi.to(theta.device, torch.float32, copy=True),
+                   delta=other.delta.to(theta.device, torch.float32, copy=True), outer_step=other.outer_step)
+
     @property
     def numel(self) -> int:
         return self.phi.numel()

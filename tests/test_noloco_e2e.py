@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -70,15 +71,22 @@ def test_pairs_average_and_stay_closer_than_without_averaging(tmp_path: Path, sw
 
 
 def test_diloco_baseline_all_reduces(tmp_path: Path, swarm_env: dict[str, str]) -> None:
-    """outer = "diloco": the replicas of each stage all-reduce through hivemind's averager (>= 2 rounds)."""
+    """outer = "diloco": the replicas of each stage all-reduce through hivemind's averager (>= 2 rounds).
+    A late joiner downloads a replica's weights with its outer state (the stage's shared phi, momentum
+    and step count) and all-reduces with the others."""
     spec = write_spec(tmp_path / "run.toml", outer="diloco", inner_steps=10)
     with swarm(tmp_path, swarm_env) as s:
         s.start_seed(spec, "--no-train")
         s.join_all({n: ["--stage", str(i % 2)] for i, n in enumerate(NAMES)})
         for n in NAMES:
             wait_for(lambda: _outer(s.metrics(n), "paired") >= 2, 180, f"{n}'s second DiLoCo all-reduce")
+        s.join_all({"late": ["--stage", "1"]})
+        adopted = wait_for(lambda: re.search(r"adopted the outer state of \S+ \(outer step (\d+)\)", s.output("late")),
+                           30, "the late joiner's adoption of a replica's outer state")
+        assert int(adopted.group(1)) >= 2, s.output("late")
+        wait_for(lambda: _outer(s.metrics("late"), "paired") >= 1, 180, "the late joiner's first DiLoCo all-reduce")
         stop_children(s.children)
-    for n in NAMES:
+    for n in (*NAMES, "late"):
         assert torch.isfinite(torch.load(tmp_path / n / "checkpoint.pt")["phi"]).all()
 
 
