@@ -21,6 +21,7 @@ class ComputeLane:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarmd-compute")
         self.depth = 0
         self.busy_seconds = 0.0
+        self.closed = False
 
     def _timed(self, fn: Callable[..., T], *args) -> T:
         start = time.perf_counter()
@@ -30,7 +31,10 @@ class ComputeLane:
             self.busy_seconds += time.perf_counter() - start
 
     async def run(self, fn: Callable[..., T], *args) -> T:
-        """Run ``fn(*args)`` on the lane and await its result."""
+        """Run ``fn(*args)`` on the lane and await its result. Once the lane is closed (the node is
+        stopping) this raises ConnectionAbortedError: a request still in flight then ends like a broken stream."""
+        if self.closed:
+            raise ConnectionAbortedError("the node is shutting down")
         self.depth += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, fn, *args)
@@ -48,6 +52,8 @@ class ComputeLane:
         return await self.run(timed)
 
     def close(self) -> None:
+        """Finish the running callable, drop queued ones, refuse new ones."""
+        self.closed = True
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
