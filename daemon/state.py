@@ -1,5 +1,9 @@
 """Stage state transfer: a joiner downloads its stage's current weights from a live replica, and with them
-the replica's outer state (phi, outer momentum, outer step count) when the run averages (NoLoCo, DiLoCo).
+the replica's inner AdamW state and its outer state (phi, outer momentum, outer step count) when the run
+averages (NoLoCo, DiLoCo).
+
+A fresh AdamW on trained weights takes its first steps with empty moment estimates (full-size, sign-like
+updates): the joiner would knock its copy of the weights off course before it ever averages.
 
 Without the outer state a joiner would start with phi = theta: its first pseudo-gradient would miss the
 inner progress the replica made before the join, and under DiLoCo its phi would differ from the stage's
@@ -23,6 +27,8 @@ from swarmd.swarm.stage import StageWorker
 STATE_TIMEOUT_S = 120.0
 # Names of the outer-state tensors after the model's own: '/' never appears in a torch state_dict name.
 OUTER_NAMES = ("outer/phi", "outer/delta")
+OPTIM_PREFIX = "optim/"  # optim/<parameter index>/<key>: the inner optimizer's per-parameter state
+ADAM_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
 
 OuterSource = Callable[[], "OuterState | None"]  # the outer state to share, read on the lane
 
@@ -36,6 +42,10 @@ def _snapshot(worker: StageWorker, outer: OuterSource) -> tuple[dict, list]:
     state = worker.model.state_dict()
     names = sorted(state)
     tensors = [encode_tensor(state[n].detach().cpu(), "none") for n in names]
+    for index, entry in sorted(worker.optimizer.state_dict()["state"].items()):
+        for key in sorted(entry):
+            names.append(f"{OPTIM_PREFIX}{index}/{key}")
+            tensors.append(encode_tensor(torch.as_tensor(entry[key]).detach().cpu(), "none"))
     fields = {"inner_step": worker.inner_step, "names": names}
     if (own := outer()) is not None:
         fields["names"] = names + list(OUTER_NAMES)
@@ -59,7 +69,36 @@ async def serve_state(
     await transport.serve(rpc.STATE, "state", on_state, ("state_request",), channel="state")
 
 
+def optimizer_state_from_reply(
+    names: list[str], tensors: list[torch.Tensor], params: list[torch.Tensor]
+) -> tuple[list[str], list[torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
+    """Split the inner optimizer's entries (optim/<index>/<key>) off a state reply, checked against our
+    ``params`` (in param-group order): known AdamW keys, matching shapes, float, second moments >= 0."""
+    model_names, model_tensors = [], []
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in zip(names, tensors):
+        if not name.startswith(OPTIM_PREFIX):
+            model_names.append(name)
+            model_tensors.append(tensor)
+            continue
+        index_text, _, key = name[len(OPTIM_PREFIX):].partition("/")
+        if not index_text.isdigit() or int(index_text) >= len(params) or key not in ADAM_KEYS:
+            raise ProtocolError("malformed", f"unknown optimizer state entry {name!r}")
+        index = int(index_text)
+        shape = () if key == "step" else tuple(params[index].shape)
+        if tuple(tensor.shape) != shape or not tensor.is_floating_point():
+            raise ProtocolError("shape", f"{name}: {tuple(tensor.shape)} {tensor.dtype}, expected {shape} float")
+        if key == "exp_avg_sq" and bool((tensor < 0).any()):
+            raise ProtocolError("malformed", f"{name}: negative second moments")
+        state.setdefault(index, {})[key] = tensor
+    if any(set(entry) != ADAM_KEYS for entry in state.values()):
+        raise ProtocolError("malformed", f"every optimizer state entry needs exactly {sorted(ADAM_KEYS)}")
+    return model_names, model_tensors, state
+
+
 def _load(worker: StageWorker, names: list[str], tensors: list[torch.Tensor], step: int) -> None:
+    params = [p for group in worker.optimizer.param_groups for p in group["params"]]
+    names, tensors, optimizer_state = optimizer_state_from_reply(names, tensors, params)
     own = worker.model.state_dict()
     if sorted(own) != names:
         raise ProtocolError("shape", "the peer's stage has different parameters than ours")
@@ -67,6 +106,9 @@ def _load(worker: StageWorker, names: list[str], tensors: list[torch.Tensor], st
         if tensor.shape != own[name].shape or tensor.dtype != own[name].dtype:
             raise ProtocolError("shape", f"{name}: {tuple(tensor.shape)} {tensor.dtype} != ours")
     worker.model.load_state_dict(dict(zip(names, tensors)))
+    if optimizer_state:  # hyperparameters stay ours (the spec's); the moments come from the peer
+        groups = worker.optimizer.state_dict()["param_groups"]
+        worker.optimizer.load_state_dict({"state": optimizer_state, "param_groups": groups})
     worker.inner_step = step
 
 

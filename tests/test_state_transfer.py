@@ -1,4 +1,5 @@
-"""A joiner's state download: the stage's weights, inner step and the source's outer state (phi, delta).
+"""A joiner's state download: the stage's weights, inner step, inner AdamW state and the source's outer
+state (phi, delta).
 
 The split and checks are pure functions; the transfer itself runs between two real p2pd daemons on
 127.0.0.1 (two hivemind P2P instances), through the daemon's own Transport and compute lanes.
@@ -12,7 +13,13 @@ import pytest
 import torch
 from swarmd.daemon.compute import ComputeLane
 from swarmd.daemon.metrics import NodeMetrics
-from swarmd.daemon.state import OUTER_NAMES, download_stage_state, outer_from_reply, serve_state
+from swarmd.daemon.state import (
+    OUTER_NAMES,
+    download_stage_state,
+    optimizer_state_from_reply,
+    outer_from_reply,
+    serve_state,
+)
 from swarmd.daemon.transport import Transport
 from swarmd.protocols.errors import ProtocolError
 from swarmd.protocols.limits import DEFAULT_LIMITS
@@ -70,6 +77,41 @@ def test_adopt_copies_onto_the_replica_and_checks_the_size():
         OuterState.adopt(torch.randn(8), source)
 
 
+PARAMS = [torch.zeros(3, 4), torch.zeros(5)]
+
+
+def _adam_entries(index: int = 1, **override: torch.Tensor) -> tuple[list[str], list[torch.Tensor]]:
+    entry = {"exp_avg": torch.randn(5), "exp_avg_sq": torch.rand(5), "step": torch.tensor(4.0), **override}
+    names = [f"optim/{index}/{key}" for key in sorted(entry)]
+    return names, [entry[key] for key in sorted(entry)]
+
+
+def test_the_optimizer_state_is_split_from_the_model_tensors():
+    names, tensors = _adam_entries()
+    model_names, model_tensors, state = optimizer_state_from_reply(NAMES + names, _model_tensors() + tensors, PARAMS)
+    assert model_names == NAMES and len(model_tensors) == 2
+    assert set(state) == {1} and set(state[1]) == {"exp_avg", "exp_avg_sq", "step"}
+    assert float(state[1]["step"]) == 4.0
+
+
+@pytest.mark.parametrize(
+    "entries, reason",
+    [
+        (_adam_entries(index=2), "malformed"),  # no such parameter
+        (([*_adam_entries()[0][:2], "optim/1/momentum_buffer"], _adam_entries()[1]), "malformed"),  # not AdamW
+        (_adam_entries(exp_avg=torch.randn(4)), "shape"),
+        (_adam_entries(step=torch.tensor([4.0])), "shape"),
+        (_adam_entries(exp_avg=torch.zeros(5, dtype=torch.int32)), "shape"),
+        (_adam_entries(exp_avg_sq=-torch.rand(5)), "malformed"),  # sqrt of it would be NaN
+        ((_adam_entries()[0][:2], _adam_entries()[1][:2]), "malformed"),  # "step" missing
+    ],
+)
+def test_a_bad_optimizer_state_is_refused(entries, reason):
+    with pytest.raises(ProtocolError) as e:
+        optimizer_state_from_reply(entries[0], entries[1], PARAMS)
+    assert e.value.reason == reason
+
+
 async def _node(initial: list[str]) -> tuple:
     from hivemind.p2p import P2P
 
@@ -82,8 +124,17 @@ def _worker(seed: int) -> StageWorker:
     return StageWorker(build_stage(TINY, 1, 2, seed), lr=1e-3)
 
 
+def _train_one_step(worker: StageWorker, generator: torch.Generator) -> None:
+    """One AdamW step on a fixed random objective (so the optimizer has moments to transfer)."""
+    hidden = torch.randn(2, 8, TINY.dim, generator=generator)
+    worker.model(hidden).square().mean().backward()
+    worker.optimizer.step()
+    worker.optimizer.zero_grad(set_to_none=True)
+
+
 async def _transfer(with_outer: bool) -> tuple[StageWorker, StageWorker, OuterState | None, OuterState | None]:
     source_worker, joiner_worker = _worker(seed=1), _worker(seed=2)
+    _train_one_step(source_worker, torch.Generator().manual_seed(0))
     source_worker.inner_step = 7
     numel = count_parameters(source_worker.model)
     source_outer = OuterState(phi=torch.randn(numel), delta=torch.randn(numel), outer_step=3) if with_outer else None
@@ -107,6 +158,10 @@ def test_a_joiner_downloads_weights_step_and_outer_state_over_p2p(with_outer: bo
     source, joiner, source_outer, got = asyncio.run(_transfer(with_outer))
     assert torch.equal(flatten_parameters(joiner.model.parameters()), flatten_parameters(source.model.parameters()))
     assert joiner.inner_step == 7
+    # The AdamW moments came along: the same next step moves both copies identically.
+    _train_one_step(source, torch.Generator().manual_seed(1))
+    _train_one_step(joiner, torch.Generator().manual_seed(1))
+    assert torch.equal(flatten_parameters(joiner.model.parameters()), flatten_parameters(source.model.parameters()))
     if not with_outer:
         assert got is None
         return
