@@ -21,6 +21,7 @@ from swarmd.protocols import rpc
 from swarmd.protocols.codecs import encode_tensor
 from swarmd.protocols.errors import ProtocolError
 from swarmd.protocols.wire import Message, encode_message
+from swarmd.swarm.model import count_parameters
 from swarmd.swarm.outer import OuterState
 from swarmd.swarm.stage import StageWorker
 
@@ -140,7 +141,8 @@ async def download_stage_state(
     fields = reply.fields
     if fields["stage"] != stage or len(fields["names"]) != len(reply.tensors):
         raise ProtocolError("malformed", "state reply does not match the request")
-    numel = sum(p.numel() for p in worker.model.parameters())
-    names, tensors, outer = outer_from_reply(fields["names"], reply.tensors, fields.get("outer_step"), numel)
+    names, tensors, outer = outer_from_reply(
+        fields["names"], reply.tensors, fields.get("outer_step"), count_parameters(worker.model)
+    )
     await lane.run(_load, worker, names, tensors, fields["inner_step"])
     return outer
