@@ -29,7 +29,9 @@ Networks:
 
 The table: N, params, network, NoLoCo seconds (paired peers / N), all-reduce seconds, ratio
 all-reduce / NoLoCo, the longest NoLoCo compute-lane time (encode + update) and exchange time of any
-peer, and the peak RSS of one peer's process tree. Configurations whose step would not fit in the
+peer, the mean CPU seconds (user + system) one peer's process tree (Python, p2pd, hivemind's helper
+processes) spent on the step, how busy the machine's CPUs were from t0 until the last peer finished,
+and the peak RSS of one peer's process tree. Configurations whose step would not fit in the
 memory available are skipped (and say so) rather than risking the OOM killer. Every process,
 namespace, rule and temporary directory the benchmark created is removed at the end, also on
 errors and Ctrl-C.
@@ -123,6 +125,29 @@ def tree_peak_rss() -> int:
     return total
 
 
+def tree_cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process and its live descendants (p2pd, hivemind's
+    DHT and averager processes): read before and after a step, the difference is that step's CPU cost."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in _tree_pids(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / ticks
+
+
+def machine_cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat (idle and iowait count as not busy)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
 def _reset_peak_rss() -> None:
     """Reset VmHWM of this process tree (``echo 5 > /proc/PID/clear_refs``), so each step reports its own peak."""
     for pid in _tree_pids(os.getpid()):
@@ -168,18 +193,18 @@ def peer_allreduce(args, commands) -> None:
         _say("PREPARED")
         go = next(commands)
         _sleep_until(go["t0"])
-        started = time.time()
+        started, cpu0 = time.time(), tree_cpu_seconds()
         try:
             gathered = averager.step(timeout=cmd["timeout_s"], allow_retries=True)
             error = None
         except Exception as e:  # noqa: BLE001  (reported, not raised: the parent prints what happened)
             gathered, error = None, f"{type(e).__name__}: {e}"
-        finished = time.time()
+        finished, cpu_s = time.time(), tree_cpu_seconds() - cpu0
         with averager.get_tensors() as tensors:
             final_sum = float(tensors[0].double().sum())
         _say("DONE", started=started, finished=finished, group=len(gathered) if gathered else 0, error=error,
              initial_sum=initial_sum, final_sum=final_sum, result="averaged" if gathered else "failed",
-             peak_rss=tree_peak_rss())
+             cpu_s=cpu_s, peak_rss=tree_peak_rss())
         averager.shutdown()
         del averager
         gc.collect()
@@ -254,16 +279,16 @@ async def peer_noloco_async(args, commands) -> None:
         _say("PREPARED")
         go = await next_command()
         await asyncio.sleep(max(0.0, go["t0"] - time.time()))
-        started = time.time()
+        started, cpu0 = time.time(), tree_cpu_seconds()
         try:
             result, error = await service.outer_step(), None
         except Exception as e:  # noqa: BLE001  (reported to the parent)
             result, error = "error", f"{type(e).__name__}: {e}"
-        finished = time.time()
+        finished, cpu_s = time.time(), tree_cpu_seconds() - cpu0
         sent = metrics.bytes_sent.labels("averaging")._value.get() - sent0
         _say("DONE", started=started, finished=finished, result=result, error=error, sent_bytes=sent,
              partner_wait_s=metrics.partner_wait._sum.get() - wait0, exchange_s=metrics.outer_exchange._sum.get() - swap0,
-             compute_s=lane.busy_seconds - busy0, peak_rss=tree_peak_rss())
+             compute_s=lane.busy_seconds - busy0, cpu_s=cpu_s, peak_rss=tree_peak_rss())
         for name in (rpc.PAIR, rpc.OUTER_CHUNK, rpc.OUTER_COMMIT):
             await p2p.remove_binary_stream_handler(name)
         del service, replica
@@ -419,11 +444,15 @@ class PeerGroup:
         self._wait(peers, "PREPARED", timeout)
         t0 = time.time() + 1.0 + 0.05 * n
         self._send(peers, {"op": "go", "t0": t0})
+        _sleep_until(t0)
+        busy0, total0 = machine_cpu_ticks()
         done = self._wait(peers, "DONE", timeout)
+        busy1, total1 = machine_cpu_ticks()
         peak = mem.peak
         self._wait(peers, "CLEAN", timeout)
         return {"seconds": max(d["finished"] for d in done) - t0, "late_start_s": max(d["started"] for d in done) - t0,
-                "peers": done, "mem_delta": peak - baseline}
+                "peers": done, "mem_delta": peak - baseline,
+                "machine_busy": (busy1 - busy0) / max(1, total1 - total0)}
 
     def stop(self) -> None:
         for p in self.peers:
@@ -475,6 +504,8 @@ def summarize(method: str, step: dict, n: int) -> dict:
     out = {"seconds": step["seconds"], "mem_delta": step["mem_delta"], "late_start_s": step["late_start_s"]}
     errors = [p["error"] for p in peers if p.get("error")]
     out["peak_rss"] = max(p["peak_rss"] for p in peers)
+    out["cpu_s"] = sum(p["cpu_s"] for p in peers) / n  # mean CPU seconds per peer's process tree
+    out["machine_busy"] = step["machine_busy"]
     late = step["late_start_s"]
     if method == "allreduce":
         expected = sum(p["initial_sum"] for p in peers) / n
@@ -540,7 +571,8 @@ def run_network(name: str, net: netns.ShapedNetwork | None, args, rows: list[Row
                         print(f"{label} FAILED: {e}", flush=True)
                         raise
                     s = row.results[method] = summarize(method, step, n)
-                    print(f"{label} {s['seconds']:.2f} s ({s['note']}; peak RSS/peer {s['peak_rss'] / GIB:.2f} GiB, "
+                    print(f"{label} {s['seconds']:.2f} s ({s['note']}; CPU {s['cpu_s']:.2f} s/peer, machine "
+                          f"{100 * s['machine_busy']:.0f}% busy; peak RSS/peer {s['peak_rss'] / GIB:.2f} GiB, "
                           f"machine +{s['mem_delta'] / GIB:.1f} GiB)", flush=True)
         except (TimeoutError, RuntimeError) as e:
             print(f"[{name} {method}] FAILED: {e}", flush=True)
@@ -567,8 +599,9 @@ def _row(rows: list[Row], n: int, numel: int, network: str) -> Row:
 
 def format_table(rows: list[Row]) -> str:
     head = ("| N | params | network | NoLoCo s (paired/N) | all-reduce s | all-reduce / NoLoCo | "
-            "NoLoCo max compute / exchange s | peak RSS/peer NoLoCo / all-reduce GiB |")
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+            "NoLoCo max compute / exchange s | CPU s/peer NoLoCo / all-reduce | machine busy NoLoCo / all-reduce | "
+            "peak RSS/peer NoLoCo / all-reduce GiB |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.network != "loopback", r.numel, r.n)):
         nl, ar = r.results.get("noloco", {}), r.results.get("allreduce", {})
 
@@ -584,7 +617,10 @@ def format_table(rows: list[Row]) -> str:
         ratio = f"{ar['seconds'] / nl['seconds']:.2f}x" if "seconds" in nl and "seconds" in ar else "-"
         split = f"{nl['compute_s']:.1f} / {nl['exchange_s']:.1f}" if "compute_s" in nl else "-"
         mem = " / ".join(f"{x['peak_rss'] / GIB:.2f}" if "peak_rss" in x else "-" for x in (nl, ar))
-        lines.append(f"| {r.n} | {size_label(r.numel)} | {r.network} | {nl_cell} | {cell(ar)} | {ratio} | {split} | {mem} |")
+        cpu = " / ".join(f"{x['cpu_s']:.2f}" if "cpu_s" in x else "-" for x in (nl, ar))
+        busy = " / ".join(f"{100 * x['machine_busy']:.0f}%" if "machine_busy" in x else "-" for x in (nl, ar))
+        lines.append(f"| {r.n} | {size_label(r.numel)} | {r.network} | {nl_cell} | {cell(ar)} | {ratio} | {split} | "
+                     f"{cpu} | {busy} | {mem} |")
     lines.append("(! = not every peer completed a correct step; see the progress lines above)")
     return "\n".join(lines)
 

@@ -19,6 +19,7 @@ from swarmd.daemon.compute import ComputeLane
 from swarmd.daemon.metrics import NodeMetrics
 from swarmd.daemon.outer import Replica
 from swarmd.daemon.spec import AveragingConfig
+from swarmd.kernels import all_finite
 from swarmd.swarm.diloco import diloco_update
 from swarmd.swarm.outer import OuterState
 
@@ -81,7 +82,7 @@ class DiLoCoService:
         result = "paired" if group else "solo"
         with self._averager.get_tensors() as tensors:
             mean_progress = tensors[0].clone()
-        if result == "solo" or not bool(torch.isfinite(mean_progress).all()):
+        if result == "solo" or not all_finite(mean_progress):
             mean_progress = (theta_snap - self.state.phi).cpu()
             result = "solo" if group is None else "failed"
         await self.lane.run(self._apply, theta_snap, mean_progress)

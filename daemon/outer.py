@@ -108,8 +108,8 @@ class _Exchange:
     own_chunks: list[tuple[EncodedTensor, EncodedTensor]]
     own_phi_norm: float
     theta_snap: torch.Tensor
-    partner_phi: torch.Tensor
-    partner_progress: torch.Tensor
+    partner_phi: list[torch.Tensor | None]  # the partner's chunks as they arrive (kept as decoded, no copy)
+    partner_progress: list[torch.Tensor | None]
     received: set[int] = field(default_factory=set)
     phi_sq: float = 0.0
     progress_sq: float = 0.0
@@ -125,8 +125,8 @@ class _Exchange:
                 raise ProtocolError("shape", f"{what} chunk {index} has shape {tuple(t.shape)}, expected {(end - start,)}")
         if index in self.received:
             raise ProtocolError("malformed", f"chunk {index} arrived twice")
-        self.partner_phi[start:end] = phi
-        self.partner_progress[start:end] = progress
+        self.partner_phi[index] = phi
+        self.partner_progress[index] = progress
         phi_sq, progress_sq = squared_norms(phi, progress)
         self.phi_sq += phi_sq
         self.progress_sq += progress_sq
@@ -242,15 +242,14 @@ class NoLoCoService:
         """On the lane: snapshot theta, encode our payload chunks (error feedback per chunk)."""
         state = self.state
         theta = self.replica.read_flat().float()
-        progress = theta - state.phi
         bounds = chunk_bounds(state.numel, self.config.chunk_elements)
         chunks = []
         for start, end in bounds:
             pair = []
-            for tensor, residual in ((state.phi, state.residual_phi), (progress, state.residual_progress)):
+            progress = theta[start:end] - state.phi[start:end]  # per chunk: no model-sized temporary
+            for tensor, residual in ((state.phi[start:end], state.residual_phi), (progress, state.residual_progress)):
                 part_residual = residual[start:end] if residual is not None else None
-                encoded = encode_tensor(tensor[start:end], self.codec, block_size=self.block_size,
-                                        residual=part_residual)
+                encoded = encode_tensor(tensor, self.codec, block_size=self.block_size, residual=part_residual)
                 if residual is not None:
                     residual[start:end] = encoded.residual.view(-1)
                 pair.append(encoded)
@@ -258,7 +257,7 @@ class NoLoCoService:
         return _Exchange(
             numel=state.numel, bounds=bounds, own_chunks=chunks,
             own_phi_norm=math.sqrt(sum_of_squares(state.phi)), theta_snap=theta,
-            partner_phi=torch.empty_like(state.phi), partner_progress=torch.empty_like(state.phi),
+            partner_phi=[None] * len(bounds), partner_progress=[None] * len(bounds),
         )
 
     def _apply(self, ex: _Exchange, use_partner: bool) -> None:

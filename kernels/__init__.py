@@ -14,11 +14,13 @@ from swarmd.kernels.dispatch import (
     quantize_int4_ef,
     quantize_int8_ef,
 )
+from swarmd.kernels.finite import all_finite
 
 __all__ = [
     "MAX_BLOCK_SIZE",
     "MIN_BLOCK_SIZE",
     "QuantizedBlocks",
+    "all_finite",
     "dequantize_int4",
     "dequantize_int8",
     "dequantize_int8_accumulate",

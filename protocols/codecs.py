@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from swarmd.kernels import QuantizedBlocks, dequantize_int4, dequantize_int8, quantize_int4_ef, quantize_int8_ef
+from swarmd.kernels import (
+    QuantizedBlocks, all_finite, dequantize_int4, dequantize_int8, quantize_int4_ef, quantize_int8_ef,
+)
 from swarmd.kernels.blocks import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, codes_nbytes, num_blocks
 from swarmd.protocols.errors import ProtocolError
 from swarmd.protocols.limits import Limits
@@ -75,7 +77,7 @@ def encode_tensor(
     if tensor.dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype {tensor.dtype} cannot be sent")
     dtype_name = DTYPE_NAMES[tensor.dtype]
-    if dtype_name in FLOAT_DTYPES and not bool(torch.isfinite(tensor).all()):
+    if dtype_name in FLOAT_DTYPES and not all_finite(tensor):
         raise ValueError("refusing to send a tensor with NaN or Inf")
     meta: dict[str, Any] = {"dtype": dtype_name, "shape": list(tensor.shape), "codec": codec}
     if codec == "none":
@@ -119,6 +121,8 @@ def check_meta(meta: Any, limits: Limits) -> tuple[torch.dtype, list[int], int]:
         raise ProtocolError("shape", f"shape {shape!r} is not a list of integers")
     if len(shape) > limits.max_dims or any(d < 0 for d in shape):
         raise ProtocolError("shape", f"shape {shape!r} has negative sizes or too many dims")
+    if any(d > limits.max_tensor_elements for d in shape):  # even beside a zero dim: torch cannot hold it
+        raise ProtocolError("oversize", f"shape {shape!r} has a dim over {limits.max_tensor_elements} elements")
     numel = math.prod(shape)
     if numel > limits.max_tensor_elements:
         raise ProtocolError("oversize", f"tensor of {numel} elements exceeds {limits.max_tensor_elements}")
@@ -153,7 +157,7 @@ def decode_tensor(meta: Any, payload: bytes | memoryview, limits: Limits) -> tor
     if len(payload) != expected:
         raise ProtocolError("shape", f"payload is {len(payload)} bytes, shape {shape} needs {expected}")
     tensor = _from_raw(payload, wire_dtype, shape).to(dtype)
-    if meta["dtype"] in FLOAT_DTYPES and not bool(torch.isfinite(tensor).all()):
+    if meta["dtype"] in FLOAT_DTYPES and not all_finite(tensor):
         raise ProtocolError("nonfinite", "tensor holds NaN or Inf")
     return tensor
 
@@ -181,6 +185,6 @@ def _decode_blocks(
     decoded = dequantize_int8(q) if bits == 8 else dequantize_int4(q)
     tensor = decoded.view(shape).to(dtype)
     # Finite scales can still overflow: code * scale past float32, or a cast down to float16.
-    if not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise ProtocolError("nonfinite", "decoded tensor holds NaN or Inf")
     return tensor

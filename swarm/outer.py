@@ -13,7 +13,7 @@ rule ``theta <- phi_new``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -124,12 +124,40 @@ def payload_problem(
     return None
 
 
+PIECE = 1 << 18  # elements per piece of the outer step: every op of a piece runs while it is in cache
+
+Chunks = torch.Tensor | Sequence[torch.Tensor]  # one flat tensor, or consecutive chunks of one
+
+
+def _as_chunks(numel: int, chunks: Chunks, what: str) -> list[torch.Tensor]:
+    """``chunks`` as a list of flat tensors covering exactly ``numel`` elements."""
+    chunks = [chunks] if isinstance(chunks, torch.Tensor) else list(chunks)
+    if sum(c.numel() for c in chunks) != numel:
+        raise ValueError(f"{what} covers {sum(c.numel() for c in chunks)} elements, the replica {numel}")
+    return [c.view(-1) for c in chunks]
+
+
+def _spans(numel: int, *chunked: list[torch.Tensor] | None) -> Iterator[tuple[int, int, list[torch.Tensor | None]]]:
+    """[start, end) pieces of at most PIECE elements that never straddle a chunk of the (equally chunked)
+    lists in ``chunked``, with each list's piece (None for a None list)."""
+    reference = next((c for c in chunked if c is not None), None)
+    sizes = [c.numel() for c in reference] if reference is not None else [numel]
+    if any(c is not None and [t.numel() for t in c] != sizes for c in chunked):
+        raise ValueError("partner_phi and partner_progress must be chunked alike")
+    offset = 0
+    for index, size in enumerate(sizes):
+        for lo in range(0, size, PIECE):
+            hi = min(lo + PIECE, size)
+            yield offset + lo, offset + hi, [None if c is None else c[index][lo:hi] for c in chunked]
+        offset += size
+
+
 def outer_step_(
     state: OuterState,
     theta_snap: torch.Tensor,
     theta_now: torch.Tensor,
-    partner_phi: torch.Tensor | None = None,
-    partner_progress: torch.Tensor | None = None,
+    partner_phi: Chunks | None = None,
+    partner_progress: Chunks | None = None,
     *,
     beta: float,
     gamma: float,
@@ -138,29 +166,45 @@ def outer_step_(
     """Apply one NoLoCo outer step to ``state`` (paired, or solo without partner tensors), in place.
 
     The rule is ``swarmd.swarm.noloco.noloco_update``; here it runs on the buffers it is given, with no
-    temporaries the size of the model (at 50M parameters a copy is 200 MB, and a replica holds several).
-    ``theta_snap``, ``theta_now`` and the partner tensors are consumed as scratch space. Returns the new
-    flat weights ``phi_new + (theta_now - theta_snap)`` (in ``theta_now``'s buffer).
+    temporaries the size of the model (at 50M parameters a copy is 200 MB, and a replica holds several),
+    one cache-sized piece at a time. The partner's tensors may be flat or a sequence of consecutive
+    chunks (as they arrived). ``theta_snap``, ``theta_now`` and the partner tensors are consumed as
+    scratch space. Returns the new flat weights ``phi_new + (theta_now - theta_snap)`` (in ``theta_now``'s
+    buffer).
     """
     if (partner_phi is None) != (partner_progress is None):
         raise ValueError("give both partner_phi and partner_progress, or neither")
-    phi, delta = state.phi, state.delta
-    buffers = [t for t in (theta_snap, theta_now, partner_phi, partner_progress, phi, delta) if t is not None]
-    if len({t.data_ptr() for t in buffers}) != len(buffers):
-        raise ValueError("outer_step_ works in place: every tensor must be its own buffer")
-    drift = theta_now.sub_(theta_snap)  # inner progress made since the snapshot
-    mean_progress = theta_snap.sub_(phi)  # our theta - phi ...
-    if partner_progress is not None:
-        mean_progress.add_(partner_progress).mul_(0.5)  # ... averaged over the pair
-    delta.mul_(mu).add_(mean_progress, alpha=beta)
+    phi, delta, numel = state.phi, state.delta, state.numel
+    own = [theta_snap, theta_now, phi, delta]
+    if len({t.data_ptr() for t in own}) != len(own) or any(t.numel() != numel for t in own):
+        raise ValueError("outer_step_ works in place: every tensor must be its own buffer of the replica's size")
+    partner = None
     if partner_phi is not None:
-        consensus = partner_phi.sub_(phi).mul_(0.5)  # mean_pair(phi) - phi
-        delta.add_(consensus, alpha=gamma)
-    phi.add_(delta)
+        partner = (_as_chunks(numel, partner_phi, "partner_phi"), _as_chunks(numel, partner_progress, "partner_progress"))
+        taken = {t.data_ptr() for t in own}
+        if any(c.data_ptr() in taken for chunks in partner for c in chunks):
+            raise ValueError("outer_step_ works in place: the partner tensors must be their own buffers")
+    snap, now = theta_snap.view(-1), theta_now.view(-1)
+    for start, end, (p_phi, p_progress) in _spans(numel, *(partner or (None, None))):
+        ph, de = phi[start:end], delta[start:end]
+        drift = now[start:end].sub_(snap[start:end])  # inner progress made since the snapshot
+        mean_progress = snap[start:end].sub_(ph)  # our theta - phi ...
+        if p_progress is not None:
+            mean_progress.add_(p_progress).mul_(0.5)  # ... averaged over the pair
+        de.mul_(mu).add_(mean_progress, alpha=beta)
+        if p_phi is not None:
+            de.add_(p_phi.sub_(ph).mul_(0.5), alpha=gamma)  # gamma * (mean_pair(phi) - phi)
+        ph.add_(de)
+        drift.add_(ph)
     state.outer_step += 1
-    return drift.add_(phi)
+    return theta_now
 
 
-def divergence(phi: torch.Tensor, partner_phi: torch.Tensor) -> float:
-    """Relative distance ||phi - phi_partner|| / ||phi|| of two replicas' outer weights."""
-    return math.sqrt(sum_of_squares(phi - partner_phi)) / max(math.sqrt(sum_of_squares(phi)), 1e-12)
+def divergence(phi: torch.Tensor, partner_phi: Chunks) -> float:
+    """Relative distance ||phi - phi_partner|| / ||phi|| of two replicas' outer weights (the partner's
+    flat or in consecutive chunks), without a model-sized temporary."""
+    chunks = _as_chunks(phi.numel(), partner_phi, "partner_phi")
+    flat, diff_sq = phi.view(-1), 0.0
+    for start, end, (piece,) in _spans(phi.numel(), chunks):
+        diff_sq += sum_of_squares(flat[start:end] - piece)
+    return math.sqrt(diff_sq) / max(math.sqrt(sum_of_squares(phi)), 1e-12)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from swarmd.kernels import all_finite
 from torch import nn
 
 from .model import InputSpec, StageModel, lm_loss
@@ -42,7 +43,7 @@ def check_input(spec: InputSpec, inputs: Any) -> None:
             raise ValueError(
                 f"token ids must be in [0, {spec.vocab_size}), got range [{int(inputs.min())}, {int(inputs.max())}]"
             )
-    elif not bool(torch.isfinite(inputs).all()):
+    elif not all_finite(inputs):
         raise ValueError("hidden states contain NaN or Inf")
 
 
@@ -184,7 +185,7 @@ class StageWorker:
             raise ValueError(f"expected a floating-point gradient tensor of shape {want}")
         if tuple(grad_output.shape) != want:
             raise ValueError(f"gradient shape {tuple(grad_output.shape)} does not match this stage's output {want}")
-        if not bool(torch.isfinite(grad_output).all()):
+        if not all_finite(grad_output):
             raise ValueError("gradient contains NaN or Inf")
         del self._pending[mb_id]
 

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from swarmd.swarm.noloco import noloco_update
 from swarmd.swarm.outer import (
+    PIECE,
     OuterState,
     ParameterReplica,
     assign_flat_,
@@ -296,3 +297,43 @@ def test_divergence_hand_example():
     assert divergence(phi, phi.clone()) == 0.0
     assert divergence(torch.zeros(2), torch.zeros(2)) == 0.0
     assert math.isfinite(divergence(torch.zeros(2), torch.ones(2)))  # no division by zero
+
+
+def test_outer_step_on_chunked_partner_equals_flat_across_pieces():
+    """The partner's payload as it arrives (consecutive chunks of odd sizes) gives bit-for-bit the result of
+    the flat payload, over a vector longer than one cache piece (so pieces and chunk edges both cut it)."""
+    n = PIECE + 12_345
+    results = []
+    for chunked in (False, True):
+        state, theta_snap, partner_phi, partner_progress = _setup(n=n, seed=11)
+        theta_now = theta_snap + 0.01
+        partner = (partner_phi, partner_progress)
+        if chunked:
+            cuts = [0, 7, 100_003, PIECE + 1, n]
+            partner = tuple([t[a:b].clone() for a, b in itertools.pairwise(cuts)] for t in partner)
+        new_theta = outer_step_(state, theta_snap, theta_now, *partner, **COEFFS)
+        results.append((new_theta.clone(), state.phi.clone(), state.delta.clone()))
+    for flat, chunked in zip(*results):
+        assert torch.equal(flat, chunked)
+    state, theta_snap, partner_phi, partner_progress = _setup(n=n, seed=11)
+    want_phi, _, want_delta = noloco_update(state.phi, theta_snap, state.delta, partner_phi, partner_progress, **COEFFS)
+    assert torch.allclose(results[1][1], want_phi, atol=1e-6) and torch.allclose(results[1][2], want_delta, atol=1e-6)
+
+
+def test_outer_step_refuses_badly_chunked_partners():
+    state, theta_snap, partner_phi, partner_progress = _setup(seed=12)
+    with pytest.raises(ValueError, match="covers"):  # chunks that do not cover the vector
+        outer_step_(state, theta_snap, theta_snap + 1, [partner_phi[:100]], [partner_progress[:100]], **COEFFS)
+    with pytest.raises(ValueError, match="chunked alike"):
+        outer_step_(state, theta_snap, theta_snap + 1, [partner_phi[:100], partner_phi[100:]],
+                    [partner_progress[:50], partner_progress[50:]], **COEFFS)
+    assert state.outer_step == 3  # refused before touching anything
+
+
+def test_divergence_of_chunks_equals_flat():
+    g = torch.Generator().manual_seed(13)
+    phi, other = torch.randn(PIECE + 3, generator=g), torch.randn(PIECE + 3, generator=g)
+    flat = divergence(phi, other)
+    assert math.isclose(divergence(phi, [other[:5], other[5:PIECE], other[PIECE:]]), flat, rel_tol=1e-12)
+    want = float((phi.double() - other.double()).norm() / phi.double().norm())
+    assert math.isclose(flat, want, rel_tol=1e-9)
