@@ -35,7 +35,7 @@ RPCS: Mapping[str, RpcSpec] = MappingProxyType(
         SPEC: RpcSpec("spec", "spec_request", "spec"),
         STATE: RpcSpec("state", "state_request", "state"),
         PAIR: RpcSpec("pair", "pair_request", "ack"),
-        OUTER_CHUNK: RpcSpec("outer_chunk", "outer_chunk", "outer_chunk"),
+        OUTER_CHUNK: RpcSpec("outer_chunk", "outer_chunk", "ack"),
         OUTER_COMMIT: RpcSpec("outer_commit", "outer_commit", "ack"),
     }
 )

@@ -77,6 +77,12 @@ class PairingState:
         """True if ``sender`` is our partner in the pair identified by ``session``."""
         return self.phase is Phase.PAIRED and sender == self.partner and session == self.session
 
+    def may_send_payload(self, sender: str, session: bytes) -> bool:
+        """True if ``sender`` may send us its payload in ``session``: it is our partner, or the replica
+        we proposed ``session`` to (it starts sending as soon as it accepts, so its first chunks can
+        arrive before its acceptance does)."""
+        return self.phase in (Phase.PROPOSING, Phase.PAIRED) and sender == self.partner and session == self.session
+
 
 def proposal_candidates(my_id: str, ready: list[str], refused: set[str]) -> list[str]:
     """Ready replicas we may propose to: larger peer ids, not ourselves, not refused this step."""

@@ -167,6 +167,23 @@ def test_is_partner_only_once_paired():
     assert not ready("m").is_partner("z", S1)
 
 
+def test_may_send_payload_from_the_replica_we_propose_to():
+    """The replica we proposed to starts pushing its payload as soon as it accepts: its chunks are welcome
+    while our proposal is still out, in that session only, and not after a refusal or the step's end."""
+    state = proposing("m", "z", S1)
+    assert state.may_send_payload("z", S1)
+    assert not state.may_send_payload("z", S2) and not state.may_send_payload("y", S1)
+    state.answered(True)
+    assert state.may_send_payload("z", S1)
+    state.close()
+    assert not state.may_send_payload("z", S1)
+    refused = proposing("m", "z", S1)
+    refused.answered(False)
+    assert not refused.may_send_payload("z", S1)
+    assert not ready("m").may_send_payload("z", S1)
+    assert paired_by_proposal("m", "a", S1).may_send_payload("a", S1)
+
+
 # ---------------------------------------------------------------- choosing a partner
 
 
