@@ -141,12 +141,17 @@ class _Exchange:
     done: asyncio.Future | None = None  # the non-driver's wait for the driver's verdict
 
     def forget_partner(self) -> None:
-        """Drop whatever a would-be partner sent (our proposal to it failed after all)."""
+        """Drop whatever a would-be partner sent, and a failure it caused (our proposal to it failed after
+        all): the next partner starts from nothing."""
         self.partner_phi = [None] * len(self.bounds)
         self.partner_progress = [None] * len(self.bounds)
         self.received.clear()
         self.phi_sq = self.progress_sq = 0.0
         self.complete.clear()
+        if self.failure is not None and self.failure.done():
+            if not self.failure.cancelled():
+                self.failure.exception()  # retrieved: it was about the would-be partner
+            self.failure = asyncio.get_running_loop().create_future()
 
     def fail(self, error: Exception) -> None:
         """End the pair with ``error`` (the first failure wins)."""

@@ -46,6 +46,21 @@ def test_forget_partner_drops_what_a_would_be_partner_sent():
     assert ex.received == {0}
 
 
+def test_forget_partner_also_forgets_its_failure():
+    """A would-be partner's bad chunk fails the exchange; if our proposal to it then fails, the next
+    partner must not inherit that failure."""
+    async def scenario() -> None:
+        ex = _exchange()
+        ex.failure = asyncio.get_running_loop().create_future()
+        ex.fail(_Failed("bad chunk from the would-be partner"))
+        ex.forget_partner()
+        assert not ex.failure.done()
+        ex.complete.set()
+        await asyncio.wait_for(_settle(ex, ex.complete.wait()), 5)
+
+    asyncio.run(scenario())
+
+
 def test_settle_raises_the_first_failure_and_waits_for_everything_otherwise():
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
