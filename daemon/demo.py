@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+from swarmd.daemon.heldout import checkpoint_heldout_loss, initial_heldout_loss, validation_set
 from swarmd.daemon.spec import RunSpec
 
 STAGE_RE = re.compile(r"\[stage (\d+)/\d+\] step")
@@ -146,6 +147,10 @@ def run_demo(args: argparse.Namespace) -> int:
         try:
             print(f"swarmd demo: seed + {args.volunteers} volunteers on 127.0.0.1, run {spec.run_id!r}, "
                   f"{stages} stages, {args.steps} inner steps each; files in {root}", flush=True)
+            heldout = validation_set(spec)
+            windows = sum(len(targets) for _, targets in heldout)
+            start_loss = initial_heldout_loss(spec, heldout)
+            print(f"[demo] held-out loss at start: {start_loss:.4f} ({windows} validation windows)", flush=True)
             seed = start_child("seed", ["seed", str(args.spec), "--no-train", *common], root / "seed", env)
             children.append(seed)
             seed_info = wait_ready(seed, 60)
@@ -186,4 +191,11 @@ def run_demo(args: argparse.Namespace) -> int:
         if failed:
             print(f"[demo] volunteers that failed: {', '.join(failed)}", flush=True)
             return 1
+        try:
+            end_loss = checkpoint_heldout_loss(spec, [v.node_dir / "checkpoint.pt" for v in volunteers], heldout)
+        except ValueError as e:
+            print(f"[demo] no held-out loss at end: {e}", flush=True)
+            return 1
+        print(f"[demo] held-out loss at end: {end_loss:.4f} (was {start_loss:.4f} at start; mean over the "
+              f"pipelines the volunteers' final weights form)", flush=True)
         return 0

@@ -13,6 +13,7 @@ RPCS = tuple(METRIC_LABELS.values())
 MICROBATCH_RESULTS = ("completed", "dropped", "expired")
 OUTER_RESULTS = ("paired", "solo", "rejected", "failed")
 # Latency buckets from loopback (sub-ms) to slow volunteer links (tens of seconds).
+STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -40,6 +41,22 @@ class NodeMetrics:
         self.samples = Counter("swarmd_samples", "Samples processed by this node's stage", registry=r)
         self.tokens = Counter("swarmd_tokens", "Tokens processed by this node's stage", registry=r)
         self.loss = Gauge("swarmd_loss", "Training loss of the latest completed microbatch", registry=r)
+        self.eval_loss = Gauge(
+            "swarmd_eval_loss",
+            "Held-out loss: on a driver the mean of its latest evaluation pass, on the last stage the mean of the "
+            "latest evaluation microbatches it scored",
+            registry=r,
+        )
+        self.eval_passes = Counter("swarmd_eval_passes", "Evaluation passes this driver completed", registry=r)
+        self.staleness = Histogram(
+            "swarmd_gradient_staleness_steps",
+            "Inner steps between a microbatch's forward and its backward on this stage (the gradient is taken at "
+            "the forward's weights and applied this many steps later)",
+            buckets=STALENESS_BUCKETS, registry=r,
+        )
+        self.weight_stashes = Gauge(
+            "swarmd_weight_stashes", "Copies of older weights kept for microbatches in flight", registry=r
+        )
         self.throughput = Gauge(
             "swarmd_throughput_samples_per_second", "Measured compute throughput of this node", registry=r
         )

@@ -7,7 +7,6 @@ and trains until asked to stop; ``Node.close`` tears everything down, p2pd inclu
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import random
@@ -21,6 +20,7 @@ from hivemind.p2p import P2P
 from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.timed_storage import get_dht_time
 from swarmd.daemon.compute import ComputeLane, ThroughputMeter
+from swarmd.daemon.heldout import run_corpus
 from swarmd.daemon.identity import NodeIdentity
 from swarmd.daemon.diloco import DiLoCoService
 from swarmd.daemon.metrics import MetricsServer, NodeMetrics
@@ -35,7 +35,7 @@ from swarmd.protocols import rpc
 from swarmd.protocols.limits import DEFAULT_LIMITS
 from swarmd.protocols.wire import PROTOCOL_VERSION, Message, encode_message
 from swarmd.swarm.balancing import choose_stage
-from swarmd.swarm.data import ShardSampler, builtin_corpus, load_corpus, split_corpus
+from swarmd.swarm.data import CorpusSampler, stream_seed, validation_batches
 from swarmd.swarm.model import build_stage
 from swarmd.swarm.outer import ParameterReplica
 from swarmd.swarm.routing import PeerInfo
@@ -155,6 +155,7 @@ class Node:
         self.worker = StageWorker(
             model, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), grad_clip=o.grad_clip,
             microbatches_per_step=o.microbatches_per_step, device=options.device,
+            weight_stashes=spec.pipeline.weight_stashes,
         )
         live = await self._stage_peers(stage)
         adopted = None  # the source's outer state, taken over with its weights
@@ -164,35 +165,33 @@ class Node:
             adopted = await download_stage_state(self.transport, source.peer_id, stage, self.worker, self.lane)
         await serve_state(self.transport, stage, self.worker, self.lane,
                           lambda: self.outer.state if self.outer is not None else None)
-        sampler = None
+        sampler = eval_batches = None
         if stage == 0:
-            corpus = builtin_corpus() if spec.data.source == "builtin" else load_corpus(
-                list(spec.data.paths), jsonl_field=spec.data.jsonl_field
-            )
-            train, _ = split_corpus(corpus, spec.data.val_fraction)
-            shard = int.from_bytes(hashlib.sha256(self.peer_id.encode()).digest()[:4], "big") % spec.data.shards
-            sampler = ShardSampler(
-                train, spec.pipeline.seq_len, spec.pipeline.microbatch_size, shard, spec.data.shards, spec.seed + shard
-            )
+            train, val = run_corpus(spec)
+            sampler = CorpusSampler(train, spec.pipeline.seq_len, spec.pipeline.microbatch_size,
+                                    stream_seed(spec.seed, self.peer_id))
+            eval_batches = validation_batches(val, spec.pipeline.seq_len, spec.pipeline.microbatch_size,
+                                              spec.evaluation.batches)
         meter = ThroughputMeter(await self.lane.run(_measure_throughput, model, spec, options.device))
         self.pipeline = PipelineService(
             spec=spec, stage=stage, peer_id=self.peer_id, worker=self.worker, lane=self.lane,
             transport=self.transport, peers=self.peers, metrics=self.metrics, limits=DEFAULT_LIMITS,
-            sampler=sampler, meter=meter, rng=random.Random(),
+            sampler=sampler, eval_batches=eval_batches, meter=meter, rng=random.Random(),
         )
         self.metrics.throughput.set(meter.value)
         await self.pipeline.register()
+        replica = ParameterReplica(self.worker.model, before_write=self.worker.before_weights_change)
         if spec.outer == "noloco":
             self.outer = NoLoCoService(
                 run_id=spec.run_id, stage=stage, peer_id=self.peer_id, config=spec.averaging,
                 codec=spec.compression.averaging, block_size=spec.compression.block_size,
-                transport=self.transport, dht=self.dht, lane=self.lane, replica=ParameterReplica(self.worker.model),
+                transport=self.transport, dht=self.dht, lane=self.lane, replica=replica,
                 metrics=self.metrics, limits=DEFAULT_LIMITS, rng=random.Random(),
             )
         elif spec.outer == "diloco":
             self.outer = DiLoCoService(
                 run_id=spec.run_id, stage=stage, config=spec.averaging, initial_peers=self.maddrs, host=options.host,
-                lane=self.lane, replica=ParameterReplica(self.worker.model), metrics=self.metrics,
+                lane=self.lane, replica=replica, metrics=self.metrics,
             )
         if self.outer is not None:
             await self.outer.start(adopted)
@@ -338,10 +337,12 @@ class Node:
             samples = self.worker.samples_processed
             rate = (samples - last_samples) / max(now - last_time, 1e-9)
             last_samples, last_time = samples, now
-            loss = self.pipeline.stats.last_loss
+            loss, eval_loss = self.pipeline.stats.last_loss, self.pipeline.stats.eval_loss
             outer = f" | outer {self.outer.state.outer_step}" if self.outer is not None else ""
+            held_out = f" | eval {eval_loss:.4f}" if eval_loss == eval_loss else ""  # NaN until the first pass
             print(
-                f"[stage {self.stage}/{self.spec.pipeline.stages}] step {self.worker.inner_step}{outer} | loss {loss:.4f} | "
+                f"[stage {self.stage}/{self.spec.pipeline.stages}] step {self.worker.inner_step}{outer} | "
+                f"loss {loss:.4f}{held_out} | "
                 f"{rate:.1f} samples/s | peers per stage {peers} | queue {self.lane.depth} | "
                 f"held {len(self.pipeline.held)}",
                 flush=True,

@@ -28,7 +28,7 @@ from swarmd.protocols.codecs import encode_tensor
 from swarmd.protocols.errors import ProtocolError
 from swarmd.protocols.limits import Limits
 from swarmd.protocols.wire import Message, RemoteError, encode_message
-from swarmd.swarm.data import ShardSampler
+from swarmd.swarm.data import CorpusSampler
 from swarmd.swarm.routing import BanList, PeerInfo, choose_peer
 from swarmd.swarm.stage import StageWorker
 
@@ -49,6 +49,7 @@ class HeldMicrobatch:
     downstream: str | None = None  # the peer that took our forward; only it may send the backward
     done: asyncio.Future | None = None  # the driver's wait for the loss
     forward_s: float = 0.0  # compute time of our forward, added to the backward's for throughput
+    evaluation: bool = False  # a held-out microbatch: forward only, its loss goes straight to the driver
 
 
 @dataclass
@@ -59,6 +60,8 @@ class PipelineStats:
     last_loss: float = float("nan")
     first_loss: float | None = None
     recent_losses: deque[float] = field(default_factory=lambda: deque(maxlen=10))  # bounded: nodes run for days
+    eval_loss: float = float("nan")  # driver: its latest evaluation pass; last stage: its latest scored microbatches
+    eval_scored: deque[float] = field(default_factory=deque)  # last stage: recent evaluation losses (bounded)
 
     def summary(self) -> str:
         if self.first_loss is None:
@@ -73,17 +76,19 @@ class PipelineService:
     def __init__(
         self, *, spec: RunSpec, stage: int, peer_id: str, worker: StageWorker, lane: ComputeLane,
         transport: Transport, peers: PeerTable, metrics: NodeMetrics, limits: Limits,
-        sampler: ShardSampler | None, meter: ThroughputMeter, rng: random.Random,
+        sampler: CorpusSampler | None, meter: ThroughputMeter, rng: random.Random,
+        eval_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
         self.spec, self.stage, self.peer_id = spec, stage, peer_id
         self.num_stages = spec.pipeline.stages
         self.worker, self.lane, self.transport = worker, lane, transport
         self.peers, self.metrics, self.limits = peers, metrics, limits
         self.sampler, self.meter, self.rng = sampler, meter, rng
+        self.eval_batches = eval_batches or []
         self.bans = BanList()
         self.held: dict[bytes, HeldMicrobatch] = {}
         self.held_per_sender: Counter[str] = Counter()
-        self.stats = PipelineStats()
+        self.stats = PipelineStats(eval_scored=deque(maxlen=spec.evaluation.batches))
         self._tasks: set[asyncio.Task] = set()
         self._last_inner_step = worker.inner_step
 
@@ -96,6 +101,7 @@ class PipelineService:
     async def register(self) -> None:
         await self.transport.serve(rpc.FORWARD, "forward", self.on_forward, ("forward",), channel="activations")
         await self.transport.serve(rpc.BACKWARD, "backward", self.on_backward, ("backward",), channel="gradients")
+        await self.transport.serve(rpc.EVAL_RESULT, "eval_result", self.on_eval_result, ("eval_result",))
 
     async def on_forward(self, sender: str, message: Message) -> bytes:
         """Admit a forward hop: validate everything, hold it, ack; the compute runs after the reply."""
@@ -112,7 +118,9 @@ class PipelineService:
         activations, targets = message.tensors
         self._check_activations(activations, targets)
         deadline = time.monotonic() + min(fields["deadline_s"], self.spec.pipeline.microbatch_deadline_s)
-        self._hold(mb_id, HeldMicrobatch(sender=sender, route=[*route, self.peer_id], deadline=deadline))
+        self._hold(mb_id, HeldMicrobatch(
+            sender=sender, route=[*route, self.peer_id], deadline=deadline, evaluation=bool(fields.get("eval"))
+        ))
         self._spawn(self._process_forward(mb_id, activations, targets))
         return encode_message("ack", {"queue_depth": self.lane.depth})
 
@@ -134,6 +142,15 @@ class PipelineService:
         self._spawn(self._process_backward(mb_id, held, grad, float(fields["loss"])))
         return encode_message("ack", {"queue_depth": self.lane.depth})
 
+    async def on_eval_result(self, sender: str, message: Message) -> bytes:
+        """The loss of one of our evaluation microbatches, from the last stage (its id is our secret)."""
+        held = self.held.get(message.fields["mb_id"])
+        if held is None or not held.evaluation or held.done is None:
+            raise ProtocolError("unknown_microbatch", "no evaluation microbatch of this id is waiting here")
+        if not held.done.done():
+            held.done.set_result(float(message.fields["loss"]))
+        return encode_message("ack", {})
+
     def _check_activations(self, activations: torch.Tensor, targets: torch.Tensor) -> None:
         try:
             self.worker.check_input(activations)
@@ -148,11 +165,15 @@ class PipelineService:
         held = self.held.get(mb_id)
         if held is None:
             return
+        if held.evaluation:
+            await self._process_eval_forward(mb_id, held, activations, targets)
+            return
         try:
             if self.is_last:
                 (loss, grad_in), seconds = await self.lane.run_timed(
                     self.worker.forward_backward_last, activations, targets
                 )
+                self.metrics.staleness.observe(0)  # forward and backward in one go
                 self._account(activations.shape, seconds)
                 self._record_loss(loss)
                 self._release(mb_id)
@@ -167,9 +188,37 @@ class PipelineService:
             logger.exception("forward of a microbatch failed here")
             self._drop(mb_id)
 
+    async def _process_eval_forward(
+        self, mb_id: bytes, held: HeldMicrobatch, activations: torch.Tensor, targets: torch.Tensor
+    ) -> None:
+        """Evaluation: forward without storing anything; the last stage scores it and tells the driver."""
+        try:
+            if self.is_last:
+                loss = await self.lane.run(self.worker.eval_loss, activations, targets)
+                self.stats.eval_scored.append(loss)
+                self._set_eval_loss(sum(self.stats.eval_scored) / len(self.stats.eval_scored))
+                await self.transport.call(
+                    held.route[0], rpc.EVAL_RESULT, "eval_result",
+                    encode_message("eval_result", {"mb_id": mb_id, "loss": loss}),
+                    timeout=self.spec.pipeline.hop_timeout_s,
+                )
+            else:
+                output = await self.lane.run(self.worker.infer, activations)
+                await self._send_forward(mb_id, output, targets, held)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # evaluation is best effort: the driver's pass scores what came back
+            logger.info("evaluation microbatch not delivered: %s: %s", type(e).__name__, e)
+        finally:
+            self._release(mb_id)
+
+    def _backward_on_lane(self, mb_id: bytes, grad: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+        """On the lane: the backward and its gradient's staleness, read before another task runs."""
+        return self.worker.backward(mb_id, grad), self.worker.last_staleness
+
     async def _process_backward(self, mb_id: bytes, held: HeldMicrobatch, grad: torch.Tensor, loss: float) -> None:
         try:
-            grad_in, seconds = await self.lane.run_timed(self.worker.backward, mb_id, grad)
+            (grad_in, staleness), seconds = await self.lane.run_timed(self._backward_on_lane, mb_id, grad)
         except KeyError:  # expired on the lane meanwhile
             self._release(mb_id)
             return
@@ -177,6 +226,7 @@ class PipelineService:
             logger.exception("backward of a microbatch failed here")
             self._drop(mb_id)
             return
+        self.metrics.staleness.observe(staleness)
         self._account(grad.shape, seconds + held.forward_s)
         self._release(mb_id)
         if held.done is not None:  # the driver: the microbatch is complete
@@ -203,11 +253,10 @@ class PipelineService:
         next_stage = self.stage + 1
         tried: set[str] = set()
         while (left := deadline - time.monotonic()) > 0:
-            request = encode_message(
-                "forward",
-                {"mb_id": mb_id, "stage": next_stage, "route": route, "deadline_s": left},
-                [encoded, encoded_targets],
-            )
+            fields = {"mb_id": mb_id, "stage": next_stage, "route": route, "deadline_s": left}
+            if held.evaluation:
+                fields["eval"] = 1
+            request = encode_message("forward", fields, [encoded, encoded_targets])
             candidates = self._with_outstanding(self.peers.stage(next_stage))
             peer = choose_peer(candidates, self.bans, self.rng, time.time(), exclude=tried)
             if peer is None:
@@ -270,6 +319,8 @@ class PipelineService:
         """Keep ``max_inflight`` microbatches moving through the pipeline until ``stop`` is set."""
         assert self.stage == 0 and self.sampler is not None
         lanes = [asyncio.create_task(self._drive_lane(stop)) for _ in range(self.spec.pipeline.max_inflight)]
+        if self.eval_batches and self.spec.evaluation.every_steps:
+            lanes.append(asyncio.create_task(self._evaluation_loop(stop)))
         try:
             await asyncio.gather(*lanes)
         finally:
@@ -281,6 +332,58 @@ class PipelineService:
         while not stop.is_set():
             await self.run_microbatch()
 
+    async def _evaluation_loop(self, stop: asyncio.Event) -> None:
+        """An evaluation pass at the start and then every ``evaluation.every_steps`` inner steps."""
+        due = self.worker.inner_step
+        while not stop.is_set():
+            if self.worker.inner_step >= due:
+                await self.evaluate()
+                due = self.worker.inner_step + self.spec.evaluation.every_steps
+            await asyncio.sleep(0.5)
+
+    async def evaluate(self) -> float | None:
+        """Send the evaluation batches through the pipeline, forward only (``max_inflight`` at a time).
+        Returns the token-weighted mean loss of those that came back (None if none did)."""
+        slots = asyncio.Semaphore(self.spec.pipeline.max_inflight)
+
+        async def score(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float | None, int]:
+            async with slots:
+                return await self._eval_microbatch(inputs, targets), targets.numel()
+
+        results = await asyncio.gather(*(score(x, y) for x, y in self.eval_batches))
+        scored = [(loss, tokens) for loss, tokens in results if loss is not None]
+        if len(scored) < len(results):
+            logger.info("evaluation pass: %d of %d microbatches came back", len(scored), len(results))
+        if not scored:
+            return None
+        mean = sum(loss * tokens for loss, tokens in scored) / sum(tokens for _, tokens in scored)
+        self._set_eval_loss(mean)
+        self.metrics.eval_passes.inc()
+        return mean
+
+    async def _eval_microbatch(self, inputs: torch.Tensor, targets: torch.Tensor) -> float | None:
+        if self.num_stages == 1:
+            return await self.lane.run(self.worker.eval_loss, inputs, targets)
+        mb_id, held = self._start_driven(evaluation=True)
+        try:
+            output = await self.lane.run(self.worker.infer, inputs)
+            if await self._send_forward(mb_id, output, targets, held) is None:
+                return None
+            return await asyncio.wait_for(held.done, max(0.0, held.deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            self._release(mb_id)
+
+    def _start_driven(self, evaluation: bool = False) -> tuple[bytes, HeldMicrobatch]:
+        """A new microbatch this driver sends, held until its loss comes back or its deadline passes."""
+        mb_id = os.urandom(16)
+        deadline = time.monotonic() + self.spec.pipeline.microbatch_deadline_s
+        done = asyncio.get_running_loop().create_future()
+        held = HeldMicrobatch(sender="", route=[self.peer_id], deadline=deadline, done=done, evaluation=evaluation)
+        self._hold(mb_id, held)
+        return mb_id, held
+
     async def run_microbatch(self) -> float | None:
         """Drive one microbatch end to end; its loss, or None if it was dropped or expired."""
         inputs, targets = await self.lane.run(self.sampler.next_batch)
@@ -289,11 +392,8 @@ class PipelineService:
             self._account(inputs.shape, seconds)
             self._complete(loss)
             return loss
-        mb_id = os.urandom(16)
-        deadline = time.monotonic() + self.spec.pipeline.microbatch_deadline_s
-        done = asyncio.get_running_loop().create_future()
-        held = HeldMicrobatch(sender="", route=[self.peer_id], deadline=deadline, done=done)
-        self._hold(mb_id, held)
+        mb_id, held = self._start_driven()
+        deadline, done = held.deadline, held.done
         try:
             output, held.forward_s = await self.lane.run_timed(self.worker.forward, mb_id, inputs, deadline)
             held.output_shape = tuple(output.shape)
@@ -323,6 +423,7 @@ class PipelineService:
         self.metrics.tokens.inc(batch * seq)
         self.meter.update(batch, seconds)
         self.metrics.throughput.set(self.meter.value)
+        self.metrics.weight_stashes.set(self.worker.stashed_versions)
         steps = self.worker.inner_step - self._last_inner_step
         if steps > 0:
             self.metrics.inner_steps.inc(steps)
@@ -334,6 +435,10 @@ class PipelineService:
             self.stats.first_loss = loss
         self.stats.recent_losses.append(loss)
         self.metrics.loss.set(loss)
+
+    def _set_eval_loss(self, loss: float) -> None:
+        self.stats.eval_loss = loss
+        self.metrics.eval_loss.set(loss)
 
     def _record_ratio(self, channel: str, tensor: torch.Tensor, payload: bytes) -> None:
         if payload:

@@ -30,6 +30,9 @@ class PipelineConfig:
     max_inflight: int = 4  # microbatches one driver keeps in the pipeline at once
     hop_timeout_s: float = 10.0  # one RPC hop, send to ack
     microbatch_deadline_s: float = 60.0  # a microbatch's whole forward + backward
+    # Copies of older weights a stage keeps so that every backward runs on the weights its forward saw.
+    # 0: an inner step waits until no microbatch forwarded on the current weights is still in flight.
+    weight_stashes: int = 1
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,7 @@ class DataConfig:
     source: str = "builtin"  # "builtin" or "files"
     paths: tuple[str, ...] = ()
     jsonl_field: str = "text"
-    val_fraction: float = 0.05
-    shards: int = 8  # a driver trains on the shard its peer id hashes to
+    val_fraction: float = 0.05  # the corpus's last bytes: validation windows, never trained on
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,14 @@ class CompressionConfig:
     gradients: str = "int8"
     averaging: str = "int8-ef"  # outer-step payloads (phi and theta - phi)
     block_size: int = 256
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Held-out evaluation while training: drivers send forward-only microbatches of validation windows."""
+
+    every_steps: int = 100  # a driver's inner steps between evaluation passes (0: never)
+    batches: int = 8  # validation microbatches per pass (the same ones every pass)
 
 
 OUTER_METHODS = ("noloco", "diloco", "none")
@@ -97,6 +107,7 @@ class RunSpec:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     outer: str = "noloco"  # how replicas of a stage stay consistent: "noloco", "diloco" or "none"
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.run_id) and len(self.run_id) <= 64 and self.run_id.replace("-", "").replace("_", "").isalnum(),
@@ -106,6 +117,7 @@ class RunSpec:
         _check(1 <= p.microbatch_size <= 4096, "pipeline.microbatch_size must be in 1..4096")
         _check(2 <= p.seq_len <= self.model.max_seq_len, f"pipeline.seq_len must be in 2..{self.model.max_seq_len}")
         _check(1 <= p.max_inflight <= 64, "pipeline.max_inflight must be in 1..64")
+        _check(0 <= p.weight_stashes <= 16, "pipeline.weight_stashes must be in 0..16")
         _check(p.hop_timeout_s > 0 and p.microbatch_deadline_s > p.hop_timeout_s,
                "need 0 < pipeline.hop_timeout_s < pipeline.microbatch_deadline_s")
         _check(o.lr > 0 and o.weight_decay >= 0 and o.grad_clip > 0, "optimizer lr, grad_clip > 0; weight_decay >= 0")
@@ -113,7 +125,6 @@ class RunSpec:
         _check(self.data.source in ("builtin", "files"), "data.source must be 'builtin' or 'files'")
         _check(self.data.source == "builtin" or bool(self.data.paths), "data.source = 'files' needs data.paths")
         _check(0 < self.data.val_fraction < 0.5, "data.val_fraction must be in (0, 0.5)")
-        _check(1 <= self.data.shards <= 4096, "data.shards must be in 1..4096")
         for channel in ("activations", "gradients", "averaging"):
             codec = getattr(self.compression, channel)
             _check(codec in CODECS, f"compression.{channel} = {codec!r}; known codecs: {', '.join(CODECS)}")
@@ -128,6 +139,9 @@ class RunSpec:
         _check(a.chunk_elements % self.compression.block_size == 0,
                "averaging.chunk_elements must be a multiple of compression.block_size")
         _check(a.max_norm_ratio > 1, "averaging.max_norm_ratio must be > 1")
+        e = self.evaluation
+        _check(0 <= e.every_steps <= 1_000_000, "evaluation.every_steps must be in 0..1000000")
+        _check(1 <= e.batches <= 1024, "evaluation.batches must be in 1..1024")
 
     def to_dict(self) -> dict[str, Any]:
         """The TOML-shaped dict (also what is signed and published)."""
@@ -139,6 +153,7 @@ class RunSpec:
             "data": {**dataclasses.asdict(self.data), "paths": list(self.data.paths)},
             "compression": dataclasses.asdict(self.compression),
             "averaging": dataclasses.asdict(self.averaging),
+            "evaluation": dataclasses.asdict(self.evaluation),
         }
 
     @classmethod
@@ -146,7 +161,7 @@ class RunSpec:
         """Build from the TOML-shaped dict; unknown sections or keys are errors, not silently ignored."""
         if not isinstance(raw, dict):
             raise SpecError("run spec must be a table")
-        known = {"run", "model", "pipeline", "optimizer", "data", "compression", "averaging"}
+        known = {"run", "model", "pipeline", "optimizer", "data", "compression", "averaging", "evaluation"}
         if unknown := set(raw) - known:
             raise SpecError(f"unknown section(s) {sorted(unknown)}; known: {sorted(known)}")
         run = _table(raw, "run")
@@ -171,6 +186,7 @@ class RunSpec:
                 data=_build(DataConfig, "data", data),
                 compression=_build(CompressionConfig, "compression", _table(raw, "compression")),
                 averaging=_build(AveragingConfig, "averaging", _table(raw, "averaging")),
+                evaluation=_build(EvaluationConfig, "evaluation", _table(raw, "evaluation")),
             )
         except SpecError:
             raise

@@ -29,6 +29,7 @@ MAX_STATE_HEADER_BYTES = 2 * 1024 * 1024  # 4096 names + 4096 tensor metas do no
 MB_ID_BYTES = 16
 SESSION_BYTES = 16
 MAX_OUTER_CHUNKS = 1 << 16
+MAX_EVAL_LOSS = 1e4  # mean cross-entropy; ln(vocab) is ~10 for a 32k vocabulary
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,8 @@ KINDS: Mapping[str, KindSpec] = MappingProxyType(
                     "list", max_len=MAX_ROUTE_HOPS, item=FieldSpec("str", max_len=MAX_PEER_ID_CHARS)
                 ),
                 "deadline_s": FieldSpec("float", lo=0.0, lo_exclusive=True, hi=3600.0),  # life left
+                # 1: a held-out evaluation microbatch, forward only, never trained on
+                "eval": FieldSpec("int", required=False, lo=0, hi=1),
             },
             min_tensors=2,  # activations, targets
             max_tensors=2,
@@ -103,6 +106,8 @@ KINDS: Mapping[str, KindSpec] = MappingProxyType(
             min_tensors=1,  # gradient w.r.t. the output of ``stage``
             max_tensors=1,
         ),
+        # the last stage's loss on an evaluation microbatch, sent straight to its driver (route[0])
+        "eval_result": _kind({"mb_id": _MB_ID, "loss": FieldSpec("float", lo=0.0, hi=MAX_EVAL_LOSS)}),
         "ack": _kind({"queue_depth": FieldSpec("int", required=False, lo=0, hi=INT64_MAX)}),
         "error": _kind(
             {

@@ -8,6 +8,7 @@ from types import MappingProxyType
 
 FORWARD = "swarmd.forward"
 BACKWARD = "swarmd.backward"
+EVAL_RESULT = "swarmd.eval_result"
 INFO = "swarmd.info"
 SPEC = "swarmd.spec"
 STATE = "swarmd.state"
@@ -15,7 +16,7 @@ PAIR = "swarmd.pair"
 OUTER_CHUNK = "swarmd.outer_chunk"
 OUTER_COMMIT = "swarmd.outer_commit"
 
-ALL_RPCS: tuple[str, ...] = (FORWARD, BACKWARD, INFO, SPEC, STATE, PAIR, OUTER_CHUNK, OUTER_COMMIT)
+ALL_RPCS: tuple[str, ...] = (FORWARD, BACKWARD, EVAL_RESULT, INFO, SPEC, STATE, PAIR, OUTER_CHUNK, OUTER_COMMIT)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ RPCS: Mapping[str, RpcSpec] = MappingProxyType(
     {
         FORWARD: RpcSpec("forward", "forward", "ack"),
         BACKWARD: RpcSpec("backward", "backward", "ack"),
+        EVAL_RESULT: RpcSpec("eval_result", "eval_result", "ack"),
         INFO: RpcSpec("info", "info_request", "info"),
         SPEC: RpcSpec("spec", "spec_request", "spec"),
         STATE: RpcSpec("state", "state_request", "state"),

@@ -3,7 +3,7 @@
 * ``builtin_corpus`` - a default corpus every Python install has on disk (the pydoc topic help).
 * ``load_corpus``    - the real path: .txt files and .jsonl files (one JSON object per line).
 * ``split_corpus``   - train / validation split.
-* ``ShardSampler``   - random training windows from one shard's disjoint region of the train bytes.
+* ``CorpusSampler``  - a driver's own stream of training windows, epoch by epoch over the whole train bytes.
 * ``validation_batches`` - fixed, deterministic evaluation batches.
 """
 
@@ -95,60 +95,68 @@ def _windows(data: torch.Tensor, starts: torch.Tensor, seq_len: int) -> tuple[to
     return window[:, :-1].contiguous(), window[:, 1:].contiguous()
 
 
-def shard_region(length: int, shard_index: int, num_shards: int) -> tuple[int, int]:
-    """Half-open byte range [start, end) of shard ``shard_index``; shards are contiguous, disjoint, cover everything."""
-    if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    if not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
-    return length * shard_index // num_shards, length * (shard_index + 1) // num_shards
+def stream_seed(run_seed: int, stream: str) -> int:
+    """A 63-bit generator seed for one driver's data stream, from the run seed and the driver's name (its peer id)."""
+    digest = hashlib.sha256(f"swarmd-data:{run_seed}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-class ShardSampler:
-    """Random training windows from one shard of the train bytes.
+class CorpusSampler:
+    """Training windows drawn from the whole train corpus, in epochs.
 
-    Each shard owns a disjoint contiguous region; a window (seq_len + 1 bytes) never crosses the region's
-    end, so two shards never train on the same bytes. Draws come from a private ``torch.Generator`` seeded
-    from (seed, shard_index), so a sampler is reproducible and does not touch the global RNG.
+    Each epoch tiles the corpus with windows of ``seq_len`` tokens at a random phase (a byte offset in
+    [0, seq_len)) and visits them in a random order, so one sampler alone covers every byte once per
+    epoch, whatever the number of drivers. The order comes from a private ``torch.Generator`` seeded
+    by ``seed`` (``stream_seed(run seed, peer id)`` in the daemon): two drivers walk the same corpus in
+    different orders and phases, never in lockstep, and the global RNG is never touched.
     """
 
-    def __init__(self, data: bytes, seq_len: int, batch_size: int, shard_index: int, num_shards: int, seed: int):
+    def __init__(self, data: bytes, seq_len: int, batch_size: int, seed: int):
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if len(data) < 2 * seq_len + 1:
+            raise ValueError(
+                f"the training corpus has {len(data)} bytes, fewer than 2 * seq_len + 1 = {2 * seq_len + 1}: "
+                "use a larger corpus or a shorter seq_len"
+            )
         self.seq_len = seq_len
         self.batch_size = batch_size
-        self.shard_index = shard_index
-        self.num_shards = num_shards
-        self.start, self.end = shard_region(len(data), shard_index, num_shards)
-        if self.end - self.start < seq_len + 1:
-            raise ValueError(
-                f"shard {shard_index}/{num_shards} has {self.end - self.start} bytes, fewer than seq_len + 1 = "
-                f"{seq_len + 1} (corpus of {len(data)} bytes): use a larger corpus, fewer shards or a shorter seq_len"
-            )
-        self._data = _bytes_tensor(data[self.start : self.end])
-        digest = hashlib.sha256(f"swarmd-data:{seed}:{shard_index}".encode()).digest()
-        self._generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        self._data = _bytes_tensor(data)
+        self._generator = torch.Generator().manual_seed(seed)
+        self._order = torch.empty(0, dtype=torch.int64)  # window starts left in this epoch
+        self.epoch = 0
 
-    @property
-    def region(self) -> tuple[int, int]:
-        """This shard's half-open byte range [start, end) in the train bytes."""
-        return self.start, self.end
+    def _new_epoch(self) -> None:
+        phase = int(torch.randint(0, self.seq_len, (1,), generator=self._generator))
+        count = (len(self._data) - 1 - phase) // self.seq_len  # windows of seq_len + 1 bytes that fit
+        starts = phase + torch.arange(count) * self.seq_len
+        self._order = starts[torch.randperm(count, generator=self._generator)]
+        self.epoch += 1
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), both int64 [batch_size, seq_len]; targets are inputs shifted left by one byte."""
-        high = len(self._data) - self.seq_len  # exclusive bound on a window start
-        starts = torch.randint(0, high, (self.batch_size,), generator=self._generator)
-        return _windows(self._data, starts, self.seq_len)
+        """(inputs, targets), both int64 [batch_size, seq_len]; targets are inputs shifted left by one byte.
+        A batch may straddle two epochs (its windows then come from both)."""
+        parts = []
+        needed = self.batch_size
+        while needed:
+            if not len(self._order):
+                self._new_epoch()
+            take, self._order = self._order[:needed], self._order[needed:]
+            parts.append(take)
+            needed -= len(take)
+        return _windows(self._data, torch.cat(parts), self.seq_len)
 
     def state_dict(self) -> dict[str, Any]:
-        """The generator state, to resume the same stream of batches."""
-        return {"generator": self._generator.get_state()}
+        """The generator state and the rest of the epoch, to resume the same stream of batches."""
+        return {"generator": self._generator.get_state(), "order": self._order.clone(), "epoch": self.epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from ``state_dict``."""
         self._generator.set_state(state["generator"])
+        self._order = state["order"].clone()
+        self.epoch = int(state["epoch"])
 
 
 def validation_batches(

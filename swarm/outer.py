@@ -13,7 +13,7 @@ rule ``theta <- phi_new``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -39,15 +39,22 @@ def assign_flat_(params: Iterable[torch.Tensor], flat: torch.Tensor) -> None:
 
 
 class ParameterReplica:
-    """A model's trainable parameters seen as one flat vector (what NoLoCo averages)."""
+    """A model's trainable parameters seen as one flat vector (what NoLoCo averages).
 
-    def __init__(self, model: torch.nn.Module):
+    ``before_write`` runs before new weights are written in place (a StageWorker keeps the old ones
+    for microbatches still in flight: ``StageWorker.before_weights_change``).
+    """
+
+    def __init__(self, model: torch.nn.Module, before_write: Callable[[], None] | None = None):
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self._before_write = before_write
 
     def read_flat(self) -> torch.Tensor:
         return flatten_parameters(self.params)
 
     def write_flat(self, flat: torch.Tensor) -> None:
+        if self._before_write is not None:
+            self._before_write()
         assign_flat_(self.params, flat)
 
 

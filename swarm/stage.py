@@ -3,7 +3,13 @@
 The pipeline is asynchronous: the inner optimizer steps while other microbatches are still in flight. An
 autograd graph kept from forward to backward would hold tensors the in-place AdamW update invalidates, so
 ``forward`` runs without grad and keeps only the inputs; ``backward`` re-runs the forward with grad on them
-(as hivemind's expert backends do). The gradient is therefore taken at the *current* weights.
+(as hivemind's expert backends do).
+
+Every backward runs on the weights its forward saw (weight stashing, as PipeDream-2BW): before the weights
+change in place (an inner step, an outer step), a copy of them is kept while microbatches forwarded on them
+are in flight. At most ``weight_stashes`` copies exist; an inner step that would need one more waits, its
+gradients accumulating, until the oldest copy's microbatches are back. A gradient is then applied one or more
+steps after the weights it was taken at (its staleness, reported per microbatch), but never mixes versions.
 
 The daemon drives a ``StageWorker`` from one worker thread: there is no locking here, but every id coming
 from the network is checked (unknown, duplicate and expired microbatches are clear errors, never crashes).
@@ -13,12 +19,14 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from swarmd.kernels import all_finite
 from torch import nn
+from torch.func import functional_call
 
 from .model import InputSpec, StageModel, lm_loss
 
@@ -62,14 +70,16 @@ class _Pending:
 
     inputs: torch.Tensor
     deadline: float
-    inner_step: int  # the step its forward saw, for diagnostics
+    inner_step: int  # the inner step its forward saw: the gradient's staleness is counted from it
+    version: int  # the weights its forward saw (see StageWorker.before_weights_change)
 
 
 class StageWorker:
     """Forward/backward of one ``StageModel`` with gradient accumulation and a local AdamW.
 
     Every ``microbatches_per_step`` completed backward passes, the accumulated gradients are averaged,
-    clipped to ``grad_clip`` (per stage: each stage only sees its own parameters) and applied.
+    clipped to ``grad_clip`` (per stage: each stage only sees its own parameters) and applied, once a
+    weight stash is free for the microbatches still in flight (see the module's docstring).
     Tensors returned to the caller are detached and on the CPU, ready for the wire.
     """
 
@@ -83,9 +93,12 @@ class StageWorker:
         microbatches_per_step: int = 1,
         device: str | torch.device = "cpu",
         eps: float = 1e-8,
+        weight_stashes: int = 1,
     ):
         if microbatches_per_step < 1:
             raise ValueError(f"microbatches_per_step must be >= 1, got {microbatches_per_step}")
+        if weight_stashes < 1:
+            raise ValueError(f"weight_stashes must be >= 1, got {weight_stashes}")
         if grad_clip is not None and not grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
         self.device = torch.device(device)
@@ -95,7 +108,13 @@ class StageWorker:
         self.optimizer = torch.optim.AdamW(
             optimizer_param_groups(self.model, weight_decay), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
         )
+        self.weight_stashes = weight_stashes
+        self._params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
         self._pending: dict[bytes, _Pending] = {}
+        self._pending_per_version: Counter[int] = Counter()
+        self._stashes: dict[int, dict[str, torch.Tensor]] = {}  # older weights, by version, while in flight
+        self.version = 0  # bumped by every in-place change of the weights
+        self.last_staleness = 0  # inner steps between the latest backward's forward and that backward
         self._accumulated = 0  # microbatches whose gradients sit in .grad, not yet applied
         self.inner_step = 0
         self.skipped_steps = 0  # steps dropped because the gradient norm was not finite
@@ -159,7 +178,8 @@ class StageWorker:
         inputs = inputs.detach().to(self.device, copy=True)  # our own copy: the caller may reuse its buffer
         with torch.no_grad():
             outputs = self.model(inputs)
-        self._pending[mb_id] = _Pending(inputs, deadline, self.inner_step)
+        self._pending[mb_id] = _Pending(inputs, deadline, self.inner_step, self.version)
+        self._pending_per_version[self.version] += 1
         return outputs.detach().cpu()
 
     @torch.no_grad()
@@ -187,15 +207,24 @@ class StageWorker:
             raise ValueError(f"gradient shape {tuple(grad_output.shape)} does not match this stage's output {want}")
         if not all_finite(grad_output):
             raise ValueError("gradient contains NaN or Inf")
-        del self._pending[mb_id]
+        self._forget(mb_id)
 
         inputs = pending.inputs
         if not self.is_first:
             inputs = inputs.requires_grad_(True)
+        weights = self._stashes.get(pending.version, self._params)
         with torch.enable_grad():
-            outputs = self.model(inputs)
-            outputs.backward(grad_output.to(device=self.device, dtype=outputs.dtype))
-        grad_input = None if self.is_first else inputs.grad.detach().cpu()
+            outputs = functional_call(self.model, weights, (inputs,))
+            leaves = [*weights.values()] if self.is_first else [inputs, *weights.values()]
+            grads = torch.autograd.grad(outputs, leaves, grad_output.to(device=self.device, dtype=outputs.dtype))
+        grad_input = None if self.is_first else grads[0].detach().cpu()
+        for param, grad in zip(self._params.values(), grads[len(leaves) - len(weights):]):
+            if param.grad is None:
+                param.grad = grad
+            else:
+                param.grad.add_(grad)
+        self.last_staleness = self.inner_step - pending.inner_step
+        self._drop_unused_stash(pending.version)
         self._finish_microbatch(batch, seq)
         return grad_input
 
@@ -218,6 +247,7 @@ class StageWorker:
                 raise FloatingPointError(f"non-finite loss {loss.item()}: microbatch dropped")
             loss.backward()
         grad_input = None if self.is_first else inputs.grad.detach().cpu()
+        self.last_staleness = 0
         self._finish_microbatch(*inputs.shape[:2])
         return float(loss.item()), grad_input
 
@@ -234,8 +264,41 @@ class StageWorker:
         self.samples_processed += batch
         self.tokens_processed += batch * seq
         self._accumulated += 1
-        if self._accumulated >= self.microbatches_per_step:
-            self._step()
+        self._step_if_due()
+
+    def _step_if_due(self) -> None:
+        """Step once enough gradients accumulated and the current weights can be stashed if still needed."""
+        if self._accumulated < self.microbatches_per_step:
+            return
+        if self._pending_per_version[self.version] and len(self._stashes) >= self.weight_stashes:
+            return  # waits for the oldest stash's microbatches; their gradients join this step
+        self._step()
+
+    def before_weights_change(self) -> None:
+        """Call before changing the weights in place (the optimizer, an outer step): keeps a copy of the
+        current weights while microbatches forwarded on them are in flight, and starts a new version."""
+        if self._pending_per_version[self.version]:
+            self._stashes[self.version] = {
+                name: p.detach().clone().requires_grad_(True) for name, p in self._params.items()
+            }
+        self.version += 1
+
+    @property
+    def stashed_versions(self) -> int:
+        """Copies of older weights kept for microbatches in flight."""
+        return len(self._stashes)
+
+    def _forget(self, mb_id: bytes) -> _Pending | None:
+        pending = self._pending.pop(mb_id, None)
+        if pending is not None:
+            self._pending_per_version[pending.version] -= 1
+            if not self._pending_per_version[pending.version]:
+                del self._pending_per_version[pending.version]
+        return pending
+
+    def _drop_unused_stash(self, version: int) -> None:
+        if version not in self._pending_per_version:
+            self._stashes.pop(version, None)
 
     def _step(self) -> None:
         """Average the accumulated gradients, clip, apply AdamW, clear."""
@@ -246,6 +309,7 @@ class StageWorker:
         norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
         self.last_grad_norm = norm
         if math.isfinite(norm):
+            self.before_weights_change()
             self.optimizer.step()
             self.inner_step += 1
         else:
@@ -255,13 +319,18 @@ class StageWorker:
 
     def discard(self, mb_id: bytes) -> bool:
         """Forget a stored microbatch (the pipeline gave up on it); True if it was here."""
-        return self._pending.pop(mb_id, None) is not None
+        pending = self._forget(mb_id)
+        if pending is None:
+            return False
+        self._drop_unused_stash(pending.version)
+        self._step_if_due()  # a step may have waited for this microbatch's stash
+        return True
 
     def expire(self, now: float) -> int:
         """Drop stored microbatches whose deadline has passed (``deadline < now``); returns how many."""
         stale = [mb_id for mb_id, pending in self._pending.items() if pending.deadline < now]
         for mb_id in stale:
-            del self._pending[mb_id]
+            self.discard(mb_id)
         return len(stale)
 
     # ----------------------------------------------------------------------------------- state
@@ -298,6 +367,9 @@ class StageWorker:
         self.tokens_processed = int(state.get("tokens_processed", 0))
         # Activations and gradients computed with the old weights no longer match the new ones.
         self._pending.clear()
+        self._pending_per_version.clear()
+        self._stashes.clear()
+        self.version += 1
         self.optimizer.zero_grad(set_to_none=True)
         self._accumulated = 0
 

@@ -1,4 +1,4 @@
-"""Byte-level corpus loading, splitting, sharded sampling and validation batches."""
+"""Byte-level corpus loading, splitting, whole-corpus sampling per driver and validation batches."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from swarmd.swarm.data import (
-    ShardSampler,
+    CorpusSampler,
     builtin_corpus,
     load_corpus,
-    shard_region,
     split_corpus,
+    stream_seed,
     validation_batches,
 )
 
@@ -69,31 +69,46 @@ def test_split_corpus():
         split_corpus(data, 1.0)
 
 
-def test_shard_regions_disjoint_and_covering():
-    for length in (100, 101, 997):
-        for num_shards in (1, 2, 3, 7):
-            regions = [shard_region(length, i, num_shards) for i in range(num_shards)]
-            assert regions[0][0] == 0 and regions[-1][1] == length
-            assert all(a[1] == b[0] for a, b in itertools.pairwise(regions))
+def _locator(data: bytes, seq_len: int) -> dict[bytes, int]:
+    """Where each window of ``seq_len + 1`` bytes starts in ``data``."""
+    return {data[i : i + seq_len + 1]: i for i in range(len(data) - seq_len)}
 
 
-def test_sampler_shards_are_disjoint_and_targets_shift():
-    # Each shard's region holds one distinct byte value, so a window shows which region it came from.
-    num_shards, shard_len = 4, 500
-    data = b"".join(bytes([10 * (i + 1)]) * shard_len for i in range(num_shards))
-    for i in range(num_shards):
-        sampler = ShardSampler(data, seq_len=16, batch_size=8, shard_index=i, num_shards=num_shards, seed=0)
-        assert sampler.region == (i * shard_len, (i + 1) * shard_len)
-        for _ in range(20):
-            inputs, targets = sampler.next_batch()
-            assert inputs.dtype == targets.dtype == torch.int64
-            assert inputs.shape == targets.shape == (8, 16)
-            assert torch.all(inputs == 10 * (i + 1)) and torch.all(targets == 10 * (i + 1))
+def test_two_drivers_cover_the_corpus_and_their_streams_differ():
+    # random bytes: every window occurs once, so each one can be located
+    data = bytes(torch.randint(0, 256, (40_000,), generator=torch.Generator().manual_seed(0)).tolist())
+    seq_len = 64
+    a = CorpusSampler(data, seq_len, 8, seed=stream_seed(0, "peer-a"))
+    b = CorpusSampler(data, seq_len, 8, seed=stream_seed(0, "peer-b"))
+    windows_per_epoch = len(data) // seq_len
+    batches_a = [a.next_batch() for _ in range(windows_per_epoch // 16 + 1)]
+    batches_b = [b.next_batch() for _ in range(windows_per_epoch // 16 + 1)]
+    # Together, half an epoch each: the drivers' windows cover most of the corpus (random halves overlap,
+    # so about 3/4), and one epoch each covers all of it.
+    locate = _locator(data, seq_len)
+    def covered(batches) -> torch.Tensor:
+        seen = torch.zeros(len(data), dtype=torch.bool)
+        for inputs, targets in batches:
+            for row, target in zip(inputs.tolist(), targets[:, -1].tolist()):
+                start = locate.get(bytes(row) + bytes([target]))
+                assert start is not None  # every window is real corpus text
+                seen[start : start + seq_len + 1] = True
+        return seen
+    together = covered(batches_a) | covered(batches_b)
+    assert together.float().mean() > 0.6
+    full_a = covered(batches_a + [a.next_batch() for _ in range(windows_per_epoch // 8 + 1)])
+    full_b = covered(batches_b + [b.next_batch() for _ in range(windows_per_epoch // 8 + 1)])
+    assert (full_a | full_b).float().mean() > 0.99
+    assert full_a.float().mean() > 0.99  # a lone driver covers everything too
+    # different streams: not the same batches, not even mostly the same windows early on
+    first_a = {tuple(row) for inputs, _ in batches_a[:20] for row in inputs.tolist()}
+    first_b = {tuple(row) for inputs, _ in batches_b[:20] for row in inputs.tolist()}
+    assert len(first_a & first_b) < 0.1 * len(first_a)
 
 
 def test_sampler_windows_are_real_and_shifted():
     data = bytes(range(256)) * 8  # position p holds p % 256: a window is consecutive values mod 256
-    sampler = ShardSampler(data, seq_len=32, batch_size=16, shard_index=1, num_shards=2, seed=3)
+    sampler = CorpusSampler(data, seq_len=32, batch_size=16, seed=3)
     for _ in range(10):
         inputs, targets = sampler.next_batch()
         assert torch.equal(targets[:, :-1], inputs[:, 1:])
@@ -101,33 +116,43 @@ def test_sampler_windows_are_real_and_shifted():
         assert torch.equal((inputs[:, 1:] - inputs[:, :-1]) % 256, torch.ones(16, 31, dtype=torch.int64))
 
 
-def test_sampler_window_never_leaves_region():
-    # Three shards of 10 bytes; with seq_len=9 the only window of shard 1 is the whole shard.
-    data = b"a" * 10 + bytes(range(10)) + b"b" * 10
-    sampler = ShardSampler(data, seq_len=9, batch_size=4, shard_index=1, num_shards=3, seed=0)
-    assert sampler.region == (10, 20)
-    inputs, targets = sampler.next_batch()
-    for row_in, row_t in zip(inputs.tolist(), targets.tolist()):
-        assert bytes(row_in + row_t[-1:]) == bytes(range(10))
+def test_validation_windows_never_enter_training():
+    corpus = bytes(torch.randint(0, 256, (20_000,), generator=torch.Generator().manual_seed(1)).tolist())
+    train, val = split_corpus(corpus, 0.05)
+    sampler = CorpusSampler(train, 16, 8, seed=0)
+    top = len(train)
+    locate = _locator(train, 16)
+    for _ in range(200):
+        inputs, targets = sampler.next_batch()
+        for row, target in zip(inputs.tolist(), targets[:, -1].tolist()):
+            start = locate[bytes(row) + bytes([target])]
+            assert start + 17 <= top
 
 
 def test_sampler_deterministic_and_resumable():
     data = builtin_corpus()[:50_000]
-    a = ShardSampler(data, 64, 4, 0, 2, seed=1)
-    b = ShardSampler(data, 64, 4, 0, 2, seed=1)
-    c = ShardSampler(data, 64, 4, 0, 2, seed=2)
+    a = CorpusSampler(data, 64, 4, seed=1)
+    b = CorpusSampler(data, 64, 4, seed=1)
+    c = CorpusSampler(data, 64, 4, seed=2)
     first = a.next_batch()
     assert torch.equal(first[0], b.next_batch()[0])
     assert not torch.equal(first[0], c.next_batch()[0])
+    for _ in range(200):  # across an epoch boundary
+        a.next_batch()
     state = a.state_dict()
-    expected = a.next_batch()
+    expected = [a.next_batch()[0] for _ in range(30)]
     a.load_state_dict(state)
-    assert torch.equal(a.next_batch()[0], expected[0])
+    assert all(torch.equal(a.next_batch()[0], want) for want in expected)
 
 
-def test_sampler_too_small_shard():
-    with pytest.raises(ValueError, match="fewer than seq_len"):
-        ShardSampler(b"x" * 100, seq_len=64, batch_size=2, shard_index=0, num_shards=2, seed=0)
+def test_stream_seeds_differ_by_run_and_peer():
+    assert stream_seed(0, "a") != stream_seed(0, "b") != stream_seed(1, "a")
+    assert stream_seed(3, "x") == stream_seed(3, "x")
+
+
+def test_sampler_too_small_corpus():
+    with pytest.raises(ValueError, match="fewer than 2 \\* seq_len"):
+        CorpusSampler(b"x" * 100, seq_len=64, batch_size=2, seed=0)
 
 
 def test_validation_batches():

@@ -15,8 +15,9 @@ from swarmd.protocols.messages import KINDS, MAX_STATE_TENSORS, header_cap, kind
 
 # One valid message of every kind: (fields, tensor count).
 VALID: dict[str, tuple[dict, int]] = {
-    "forward": ({"mb_id": bytes(16), "stage": 3, "route": ["peerA", "peerB"], "deadline_s": 12.5}, 2),
+    "forward": ({"mb_id": bytes(16), "stage": 3, "route": ["peerA", "peerB"], "deadline_s": 12.5, "eval": 1}, 2),
     "backward": ({"mb_id": bytes(range(16)), "stage": 0, "loss": 2.25}, 1),
+    "eval_result": ({"mb_id": bytes(16), "loss": 3.5}, 0),
     "ack": ({"queue_depth": 4}, 0),
     "error": ({"reason": "busy", "message": "too many in flight"}, 0),
     "info_request": ({}, 0),
@@ -126,6 +127,12 @@ def test_unknown_kind_and_non_map_fields():
         ("forward", "deadline_s", False),
         ("forward", "deadline_s", "1"),
         ("forward", "deadline_s", 10**400),
+        ("forward", "eval", 2),
+        ("forward", "eval", True),
+        ("eval_result", "loss", -0.5),
+        ("eval_result", "loss", 1e5),
+        ("eval_result", "loss", math.nan),
+        ("eval_result", "mb_id", bytes(15)),
         ("backward", "loss", math.nan),
         ("backward", "loss", -math.inf),
         ("backward", "stage", None),
@@ -230,12 +237,12 @@ def test_schemas_are_read_only():
 
 
 def test_rpc_names_and_labels():
-    assert rpc.ALL_RPCS == (rpc.FORWARD, rpc.BACKWARD, rpc.INFO, rpc.SPEC, rpc.STATE, rpc.PAIR, rpc.OUTER_CHUNK,
-                            rpc.OUTER_COMMIT)
+    assert rpc.ALL_RPCS == (rpc.FORWARD, rpc.BACKWARD, rpc.EVAL_RESULT, rpc.INFO, rpc.SPEC, rpc.STATE, rpc.PAIR,
+                            rpc.OUTER_CHUNK, rpc.OUTER_COMMIT)
     assert len(set(rpc.ALL_RPCS)) == len(rpc.ALL_RPCS)
     assert all(name.startswith("swarmd.") for name in rpc.ALL_RPCS)
     assert [rpc.metric_label(n) for n in rpc.ALL_RPCS] == [
-        "forward", "backward", "info", "spec", "state", "pair", "outer_chunk", "outer_commit"]
+        "forward", "backward", "eval_result", "info", "spec", "state", "pair", "outer_chunk", "outer_commit"]
     assert dict(rpc.METRIC_LABELS) == {n: rpc.metric_label(n) for n in rpc.ALL_RPCS}
     for spec in rpc.RPCS.values():
         assert spec.request_kind in KINDS and spec.reply_kind in KINDS
