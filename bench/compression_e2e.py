@@ -6,9 +6,9 @@ Each run starts a fresh local swarm on 127.0.0.1 (seed + 4 volunteers, stage i m
 as `swarmd demo` runs it) on the embedded demo spec with ``outer = "none"`` (no averaging between replicas:
 only the pipeline differs) and the codec under test on both pipeline channels, and stops it once every
 volunteer took ``--steps`` inner steps. Runs alternate between codecs so machine-load drift hits them alike.
-Within one repeat every codec's swarm reuses the same volunteer identities: a driver's data shard is a hash
-of its peer id, so the codecs train on the same shards and differ in the codec (and the swarm's timing) only;
-each repeat draws new identities, hence new shards.
+Within one repeat every codec's swarm reuses the same volunteer identities: a driver's data stream is seeded
+by its peer id, so the codecs train on the same data streams and differ in the codec (and the swarm's timing) only;
+each repeat draws new identities, hence new streams.
 
 - bytes/sample: activations + gradients bytes sent (``swarmd_sent_bytes_total``: requests and their acks,
   summed over all nodes) over the samples the drivers (stage 0) saw through (``swarmd_samples_total``),
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -133,14 +132,12 @@ def node_problems(children: list[Child]) -> list[str]:
     return [f"{c.name.strip()}: {line}" for c in children for line in c.lines if any(k in line for k in keys)]
 
 
-def draw_identities(folder: Path, count: int, shards: int) -> list[Path]:
-    """``count`` fresh volunteer keys under ``folder``; prints the data shard each would drive."""
+def draw_identities(folder: Path, count: int) -> list[Path]:
+    """``count`` fresh volunteer keys under ``folder`` (a driver's data stream is seeded by its peer id)."""
     keys = []
     for i in range(count):
         identity = NodeIdentity.load_or_create(folder / f"v{i}")
-        # as the node picks it (daemon/node.py): a driver trains on the shard its peer id hashes to
-        shard = int.from_bytes(hashlib.sha256(identity.peer_id.encode()).digest()[:4], "big") % shards
-        print(f"[bench] v{i}: peer {identity.peer_id[-8:]}, data shard {shard} if it drives", flush=True)
+        print(f"[bench] v{i}: peer {identity.peer_id[-8:]}", flush=True)
         keys.append(identity.path)
     return keys
 
@@ -252,7 +249,7 @@ def main() -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="swarmd-e2e-keys-") as keys_dir:
         for repeat in range(args.repeats):
-            keys = draw_identities(Path(keys_dir) / str(repeat), args.volunteers, base.data.shards)
+            keys = draw_identities(Path(keys_dir) / str(repeat), args.volunteers)
             for codec in codecs:  # alternate, so load drift on the machine hits every codec alike
                 results.append(run_swarm(base, codec, repeat, args, val_batches, keys))
     print(f"\n[bench] {len(results)} swarms in {time.monotonic() - started:.0f} s; validation: "

@@ -6,17 +6,20 @@
 R replicas of a small byte-level model (the demo's architecture, smaller) are simulated in one process. As in
 the swarm, the model is split into pipeline stages (the spec's, 2) and every stage has R replicas, each with
 the daemon's inner AdamW (StageWorker's param groups, lr, betas, weight decay and per-stage grad clip from the
-embedded run spec). Stream i's batches come from data shard i (ShardSampler shard i of R) and enter stage 0's
-replica i; every later stage hands the R microbatches to its replicas by a fresh random permutation each step,
+embedded run spec). Stream i's batches come from its own walk over the whole corpus (CorpusSampler seeded by
+the run seed and the stream, as a driver's by its peer id) and enter stage 0's replica i; every later stage hands the R microbatches to its replicas by a fresh random permutation each step,
 as the swarm's randomized pipelines route them (``--routing fixed``: stream i always meets replica i, i.e. R
 independent whole models). Every method starts from the same weights and draws the same batches and routes,
 so the runs differ only in how the replicas of a stage are combined:
 
-(a) sync-dp: gradients averaged over the R streams every step; with equal shard batches that is one model
+(a) sync-dp: gradients averaged over the R streams every step; with equal batches that is one model
     stepping on the R batches concatenated, which is how it is computed here;
 (b) diloco:  every H inner steps a stage's replicas average pseudo-gradients, outer Nesterov SGD (swarm/diloco.py);
-(c) noloco:  every H inner steps a stage's replicas pair by a random perfect matching and each applies
-    swarm/noloco.py's update with its partner's phi and theta - phi;
+(c) noloco:  every H inner steps a stage's replicas pair by a random perfect matching (a replica steps solo
+    with probability --solo-rate, as one that found no partner before the deadline) and each applies the
+    daemon's outer step (swarm/outer.py: outer_step_) to its partner's phi and theta - phi as they arrive
+    through the spec's averaging codec (int8 with error feedback: encode_payload, decode_tensor); the
+    --codec none row is the fp32 reference;
 (d) none:    the replicas never combine weights (random routing still mixes them).
 
 Validation loss (fixed batches from the end of the embedded corpus) is measured every --eval-every steps,
@@ -43,10 +46,13 @@ from swarmd.daemon.spec import (
     OptimizerConfig,
     RunSpec,
 )
+from swarmd.protocols.codecs import decode_tensor
+from swarmd.protocols.limits import DEFAULT_LIMITS
 from swarmd.swarm.data import (
-    ShardSampler,
+    CorpusSampler,
     builtin_corpus,
     split_corpus,
+    stream_seed,
     validation_batches,
 )
 from swarmd.swarm.diloco import average_progress, diloco_update
@@ -57,8 +63,7 @@ from swarmd.swarm.model import (
     count_parameters,
     lm_loss,
 )
-from swarmd.swarm.noloco import noloco_update
-from swarmd.swarm.outer import assign_flat_, flatten_parameters
+from swarmd.swarm.outer import OuterState, assign_flat_, chunk_bounds, encode_payload, flatten_parameters, outer_step_
 from swarmd.swarm.stage import optimizer_param_groups
 
 METHODS = ("sync-dp", "diloco", "noloco", "none")
@@ -80,7 +85,10 @@ class Setup:
     seq_len: int
     train: bytes
     val: list[tuple[torch.Tensor, torch.Tensor]]
-    iid: bool = False  # every replica samples the whole train set (else: its own contiguous shard)
+    codec: str = "int8-ef"  # NoLoCo payloads, as the spec's compression.averaging
+    block_size: int = 256
+    chunk_elements: int = 1 << 20
+    solo_rate: float = 0.0  # chance that a replica steps solo at an outer step
     cosine: bool = False  # inner lr: linear warm-up (4% of the steps), cosine decay to 10%
     diloco_nesterov: bool = True
     stages: int = 1  # pipeline stages; replicas combine per stage
@@ -145,25 +153,21 @@ class StageReplica:
 class SimulatedSwarm:
     """``streams`` data streams through ``setup.stages`` stages, each stage served by ``streams`` replicas.
 
-    Stream i's batches come from shard i and enter stage 0's replica i (the driver holding that shard). With
+    Stream i's batches come from its own CorpusSampler and enter stage 0's replica i (that stream's driver). With
     random routing each later stage hands its ``streams`` microbatches to its replicas by a fresh random
     permutation every step, as the swarm's balanced randomized pipelines do; with fixed routing stream i always
     meets replica i of every stage (independent whole-model replicas). Every replica thus takes one microbatch
-    per inner step. sync-dp is one stream over all shards concatenated, one replica per stage.
+    per inner step. sync-dp is one stream made of all the streams' batches, one replica per stage.
     """
 
-    def __init__(self, setup: Setup, shards_per_stream: list[list[int]]):
+    def __init__(self, setup: Setup, samplers_per_stream: list[list[int]]):
         self.setup = setup
-        self.streams = len(shards_per_stream)
+        self.streams = len(samplers_per_stream)
         self.stages = [[StageReplica(setup, s) for _ in range(self.streams)] for s in range(setup.stages)]
         self.samplers = [
-            [
-                # iid: one shard covering everything, a different random stream per replica
-                ShardSampler(setup.train, setup.seq_len, setup.batch, 0, 1, setup.seed * 1000 + shard) if setup.iid
-                else ShardSampler(setup.train, setup.seq_len, setup.batch, shard, setup.replicas, setup.seed)
-                for shard in shards
-            ]
-            for shards in shards_per_stream
+            [CorpusSampler(setup.train, setup.seq_len, setup.batch, stream_seed(setup.seed, f"stream-{i}"))
+             for i in streams]
+            for streams in samplers_per_stream
         ]
         # The same routing draws for every method, so the runs differ only in how replicas are combined.
         self.routing = torch.Generator().manual_seed(setup.seed + 1)
@@ -233,8 +237,7 @@ def run_method(method: str, setup: Setup) -> Curve:
     # Outer state per stage: replicas of a stage only ever combine with each other.
     phi = [stage[0].flat() for stage in swarm.stages]  # all replicas start from the same weights
     momentum = [torch.zeros_like(p) for p in phi]  # DiLoCo's outer Nesterov buffer (zero start = torch's b = g)
-    phis = [[p.clone() for _ in range(n)] for p in phi]  # NoLoCo: each replica's own outer copy ...
-    deltas = [[torch.zeros_like(p) for _ in range(n)] for p in phi]  # ... and outer momentum
+    outer = [[OuterState.start(p) for _ in range(n)] for p in phi]  # NoLoCo: each replica's own phi, delta
     matching = torch.Generator().manual_seed(setup.seed)
 
     curve = Curve(method)
@@ -262,23 +265,34 @@ def run_method(method: str, setup: Setup) -> Curve:
                     for replica in replicas:
                         replica.load(phi[s])
                     continue
-                order = torch.randperm(n, generator=matching).tolist()  # a fresh matching per stage
+                solo = torch.rand(n, generator=matching) < setup.solo_rate
+                order = [i for i in torch.randperm(n, generator=matching).tolist() if not solo[i]]
                 partner = {}
-                for i, j in zip(order[0::2], order[1::2]):  # odd n: the last one steps alone
+                for i, j in zip(order[0::2], order[1::2]):  # odd count: the last one steps alone
                     partner[i], partner[j] = j, i
-                updates = []
-                for i in range(n):  # every update reads the pre-step phis and thetas
+                bounds = chunk_bounds(thetas[0].numel(), setup.chunk_elements)
+                # every payload is encoded from the pre-step state, then every replica applies its update
+                payloads = [wire_payload(outer[s][i], thetas[i], bounds, setup) for i in range(n)]
+                for i in range(n):
                     j = partner.get(i)
-                    peer = (phis[s][j], thetas[j] - phis[s][j]) if j is not None else (None, None)
-                    updates.append(noloco_update(phis[s][i], thetas[i], deltas[s][i], *peer,
-                                                 beta=a.beta, gamma=a.gamma, mu=a.mu))
-                for i, (new_phi, theta, delta) in enumerate(updates):
-                    phis[s][i], deltas[s][i] = new_phi, delta
+                    phi_j, progress_j = payloads[j] if j is not None else (None, None)
+                    # each payload is used once (by the one partner), so it may serve as scratch
+                    theta = outer_step_(outer[s][i], thetas[i], thetas[i].clone(), phi_j, progress_j,
+                                        beta=a.beta, gamma=a.gamma, mu=a.mu)
                     replicas[i].load(theta)
         curve.train_s += time.perf_counter() - start
         if step % setup.eval_every == 0 or step == setup.steps:
             record(step)
     return curve
+
+
+def wire_payload(state: OuterState, theta: torch.Tensor, bounds: list[tuple[int, int]],
+                 setup: Setup) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """What a partner receives of this replica's (phi, theta - phi): the daemon's encoding, decoded."""
+    chunks = encode_payload(state, theta, bounds, setup.codec, setup.block_size)
+    phi = [decode_tensor(p.meta, p.payload, DEFAULT_LIMITS) for p, _ in chunks]
+    progress = [decode_tensor(q.meta, q.payload, DEFAULT_LIMITS) for _, q in chunks]
+    return phi, progress
 
 
 def plot(curves: list[Curve], setup: Setup, path: Path) -> None:
@@ -314,7 +328,7 @@ def plot(curves: list[Curve], setup: Setup, path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, help="inner steps per replica (default 600; --quick: 100)")
-    parser.add_argument("--replicas", type=int, default=8, help="simulated replicas, one data shard each (default 8)")
+    parser.add_argument("--replicas", type=int, default=8, help="simulated replicas per stage, one data stream each (default 8)")
     parser.add_argument("--inner-steps", type=int, help="H, inner steps between outer steps (default 50; --quick: 25)")
     parser.add_argument("--eval-every", type=int, help="steps between evaluations (default: --inner-steps)")
     parser.add_argument("--dim", type=int, default=64, help="model width (default 64; the demo uses 128)")
@@ -334,7 +348,10 @@ def main() -> int:
     diag = parser.add_argument_group("variants (for diagnosis; the defaults are the daemon's settings)")
     diag.add_argument("--lr", type=float, help="inner AdamW lr (default: the spec's)")
     diag.add_argument("--cosine", action="store_true", help="inner lr warm-up + cosine decay to 10%%")
-    diag.add_argument("--iid", action="store_true", help="replicas sample the whole train set, not contiguous shards")
+    diag.add_argument("--codec", help="NoLoCo payload codec (default: the spec's compression.averaging; none: fp32)")
+    diag.add_argument("--solo-rate", type=float, default=0.0, help="chance a replica finds no partner (default 0)")
+    diag.add_argument("--beta", type=float, help="NoLoCo beta (default: the spec's)")
+    diag.add_argument("--gamma", type=float, help="NoLoCo gamma (default: the spec's)")
     diag.add_argument("--diloco-momentum", type=float, help="DiLoCo outer momentum (default: the spec's, 0.9)")
     diag.add_argument("--diloco-heavy-ball", action="store_true",
                       help="DiLoCo outer step with plain (heavy-ball) momentum instead of Nesterov")
@@ -363,13 +380,16 @@ def main() -> int:
         spec.averaging,
         diloco_momentum=spec.averaging.diloco_momentum if args.diloco_momentum is None else args.diloco_momentum,
         mu=spec.averaging.mu if args.noloco_mu is None else args.noloco_mu,
+        beta=spec.averaging.beta if args.beta is None else args.beta,
+        gamma=spec.averaging.gamma if args.gamma is None else args.gamma,
     )
     setup = Setup(
         model=model, optimizer=optimizer, averaging=averaging, seed=spec.seed, replicas=args.replicas,
         steps=steps, inner_steps=inner_steps, eval_every=eval_every,
         batch=args.batch or spec.pipeline.microbatch_size, seq_len=seq_len, train=train,
         val=validation_batches(val, seq_len, 32, 2 if args.quick else 4),
-        iid=args.iid, cosine=args.cosine, diloco_nesterov=not args.diloco_heavy_ball,
+        codec=args.codec or spec.compression.averaging, block_size=spec.compression.block_size,
+        chunk_elements=spec.averaging.chunk_elements, solo_rate=args.solo_rate, cosine=args.cosine, diloco_nesterov=not args.diloco_heavy_ball,
         stages=args.stages or spec.pipeline.stages, random_routing=args.routing == "random",
     )
     o, a = setup.optimizer, setup.averaging
@@ -378,7 +398,7 @@ def main() -> int:
           f"params), {setup.stages} stage(s), {'random' if setup.random_routing else 'fixed'} routing, {setup.replicas} replicas x {setup.batch} x {seq_len} tokens per step, {steps} steps "
           f"({steps * setup.tokens_per_step / 1e6:.2f}M tokens), H {inner_steps}; AdamW lr {o.lr} wd "
           f"{o.weight_decay} betas ({o.beta1}, {o.beta2}) clip {o.grad_clip}{' cosine' if setup.cosine else ''}; "
-          f"{'iid' if setup.iid else 'contiguous'} shards; DiLoCo lr {a.diloco_lr} "
+          f"whole-corpus streams; NoLoCo codec {setup.codec}, solo rate {setup.solo_rate}; DiLoCo lr {a.diloco_lr} "
           f"{'Nesterov' if setup.diloco_nesterov else 'heavy-ball'} momentum {a.diloco_momentum}; NoLoCo beta {a.beta} gamma {a.gamma} mu {a.mu}; validation {val_windows} x "
           f"{seq_len} bytes; {os.cpu_count()} cores, {platform.machine()}, {args.threads} threads, "
           f"torch {torch.__version__}", file=sys.stderr, flush=True)

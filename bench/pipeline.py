@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from swarmd.daemon.demo import read_metrics, start_child, stop_children, wait_ready
 from swarmd.daemon.spec import DEFAULT_SPEC_PATH, RunSpec
-from swarmd.swarm.data import ShardSampler, builtin_corpus, split_corpus
+from swarmd.swarm.data import CorpusSampler, builtin_corpus, split_corpus, stream_seed
 from swarmd.swarm.model import build_stage, lm_loss
 from swarmd.swarm.stage import optimizer_param_groups
 
@@ -36,7 +36,7 @@ def plain_loop(spec: RunSpec, seconds: float, threads: int) -> float:
     opt = torch.optim.AdamW(optimizer_param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2))
     train, _ = split_corpus(builtin_corpus(), spec.data.val_fraction)
     p = spec.pipeline
-    sampler = ShardSampler(train, p.seq_len, p.microbatch_size, 0, spec.data.shards, spec.seed)
+    sampler = CorpusSampler(train, p.seq_len, p.microbatch_size, stream_seed(spec.seed, "plain-loop"))
 
     def step() -> None:
         inputs, targets = sampler.next_batch()

@@ -43,12 +43,13 @@ from swarmd.daemon.records import encode_ready, ready_key, ready_peers
 from swarmd.daemon.spec import AveragingConfig
 from swarmd.daemon.transport import Transport
 from swarmd.protocols import rpc
-from swarmd.protocols.codecs import QUANT_CODECS, EncodedTensor, encode_tensor
+from swarmd.protocols.codecs import EncodedTensor
 from swarmd.protocols.errors import ProtocolError
 from swarmd.protocols.limits import Limits
 from swarmd.protocols.wire import Message, RemoteError, encode_message
 from swarmd.swarm.outer import (
-    OuterState, chunk_bounds, divergence, outer_step_, payload_problem, squared_norms, sum_of_squares,
+    OuterState, chunk_bounds, divergence, encode_payload, outer_step_, payload_problem, squared_norms,
+    sum_of_squares,
 )
 from swarmd.swarm.pairing import TAKEN, PairingState, Phase, choose_partner
 from swarmd.swarm.routing import BanList
@@ -209,9 +210,6 @@ class NoLoCoService:
         downloaded that replica's weights) and serve the outer-step RPCs."""
         theta = await self.lane.run(self.replica.read_flat)
         self.state = OuterState.start(theta) if adopt is None else OuterState.adopt(theta, adopt)
-        if self.codec in QUANT_CODECS and QUANT_CODECS[self.codec][1]:
-            self.state.residual_phi = torch.zeros_like(self.state.phi)
-            self.state.residual_progress = torch.zeros_like(self.state.phi)
         await self.transport.serve(rpc.PAIR, "pair", self._on_pair, ("pair_request",), channel="averaging")
         await self.transport.serve(rpc.OUTER_CHUNK, "outer_chunk", self._on_chunk, ("outer_chunk",),
                                    channel="averaging", on_reject=self._on_reject)
@@ -293,17 +291,7 @@ class NoLoCoService:
         state = self.state
         theta = self.replica.read_flat().float()
         bounds = chunk_bounds(state.numel, self.config.chunk_elements)
-        chunks = []
-        for start, end in bounds:
-            pair = []
-            progress = theta[start:end] - state.phi[start:end]  # per chunk: no model-sized temporary
-            for tensor, residual in ((state.phi[start:end], state.residual_phi), (progress, state.residual_progress)):
-                part_residual = residual[start:end] if residual is not None else None
-                encoded = encode_tensor(tensor, self.codec, block_size=self.block_size, residual=part_residual)
-                if residual is not None:
-                    residual[start:end] = encoded.residual.view(-1)
-                pair.append(encoded)
-            chunks.append((pair[0], pair[1]))
+        chunks = encode_payload(state, theta, bounds, self.codec, self.block_size)
         return _Exchange(
             numel=state.numel, bounds=bounds, own_chunks=chunks,
             own_phi_norm=math.sqrt(sum_of_squares(state.phi)), theta_snap=theta,

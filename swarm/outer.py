@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from swarmd.protocols.codecs import QUANT_CODECS, EncodedTensor, encode_tensor
 
 
 def flatten_parameters(params: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -95,6 +96,30 @@ class OuterState:
     @property
     def numel(self) -> int:
         return self.phi.numel()
+
+
+def encode_payload(
+    state: OuterState, theta: torch.Tensor, bounds: Sequence[tuple[int, int]], codec: str, block_size: int
+) -> list[tuple[EncodedTensor, EncodedTensor]]:
+    """A replica's outer payload, (phi, theta - phi) per chunk of ``bounds``, through the averaging codec.
+
+    Error-feedback codecs add the state's residuals and store the new ones (the residual buffers are
+    created on first use). One chunk's progress at a time: no model-sized temporary.
+    """
+    if codec in QUANT_CODECS and QUANT_CODECS[codec][1] and state.residual_phi is None:
+        state.residual_phi, state.residual_progress = torch.zeros_like(state.phi), torch.zeros_like(state.phi)
+    chunks = []
+    for start, end in bounds:
+        pair = []
+        progress = theta[start:end] - state.phi[start:end]
+        for tensor, residual in ((state.phi[start:end], state.residual_phi), (progress, state.residual_progress)):
+            part = residual[start:end] if residual is not None else None
+            encoded = encode_tensor(tensor, codec, block_size=block_size, residual=part)
+            if residual is not None:
+                residual[start:end] = encoded.residual.view(-1)
+            pair.append(encoded)
+        chunks.append((pair[0], pair[1]))
+    return chunks
 
 
 _SUM_PIECE = 1 << 16  # elements per float64 piece: the converted copy stays in cache

@@ -11,14 +11,15 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from swarmd.daemon.demo import SUMMARY_RE, Child, read_metrics, start_child, stop_children, wait_ready
+from swarmd.daemon.demo import SUMMARY_RE, Child, read_metrics, start_child, stop_children, wait_ready  # noqa: F401 (tests import SUMMARY_RE from here)
 
 LOCAL = ["--host", "127.0.0.1", "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--progress-every", "2"]
 
 
 def write_spec(path: Path, *, deadline_s: float = 60.0, hop_timeout_s: float = 10.0, stages: int = 2,
                microbatches_per_step: int = 1, outer: str = "none", inner_steps: int = 50,
-               pair_timeout_s: float = 5.0, exchange_timeout_s: float = 20.0, chunk_elements: int = 1 << 20) -> Path:
+               pair_timeout_s: float = 5.0, exchange_timeout_s: float = 20.0, chunk_elements: int = 1 << 20,
+               eval_every_steps: int = 100) -> Path:
     """A small run spec for tests (the demo's model, tighter timings where a test needs them)."""
     path.write_text(f"""
 [run]
@@ -45,6 +46,9 @@ microbatch_deadline_s = {deadline_s}
 [optimizer]
 lr = 0.003
 microbatches_per_step = {microbatches_per_step}
+[evaluation]
+every_steps = {eval_every_steps}
+batches = 4
 """)
     return path
 

@@ -20,8 +20,9 @@ def _counter(metrics: dict[str, float], name: str) -> float:
 
 
 def test_seed_and_four_volunteers_train(tmp_path: Path, swarm_env: dict[str, str]) -> None:
-    """2 stages x 2 replicas reach 100 inner steps each; the loss falls >= 30%; metrics advance."""
-    spec = write_spec(tmp_path / "run.toml")
+    """2 stages x 2 replicas reach 100 inner steps each; the loss falls >= 30%; metrics advance; the drivers'
+    held-out evaluation passes go through the pipeline and their loss falls too."""
+    spec = write_spec(tmp_path / "run.toml", eval_every_steps=40)
     steps = 100
     with swarm(tmp_path, swarm_env) as s:
         s.start_seed(spec, "--no-train")
@@ -34,7 +35,18 @@ def test_seed_and_four_volunteers_train(tmp_path: Path, swarm_env: dict[str, str
         second = {n: s.metrics(n) for n in names if s.child(n).process.poll() is None}
         assert any(m['swarmd_sent_bytes_total{channel="activations"}'] > 0 for n, m in second.items() if n in ("v0", "v2"))
         assert any(m['swarmd_sent_bytes_total{channel="gradients"}'] > 0 for n, m in second.items() if n in ("v1", "v3"))
+        wait_for(lambda: all(s.metrics(d)["swarmd_eval_passes_total"] >= 1 for d in ("v0", "v2")), 60,
+                 "the drivers' first evaluation pass")
+        first_eval = {d: s.metrics(d)["swarmd_eval_loss"] for d in ("v0", "v2")}
         wait_all_steps([s.child(n) for n in ["seed", *names]], [s.ready[n]["metrics_port"] for n in names], steps, 240)
+        wait_for(lambda: all(s.metrics(d)["swarmd_eval_passes_total"] >= 3 for d in ("v0", "v2")), 60,
+                 "evaluation passes at steps 40 and 80")
+        final = {n: s.metrics(n) for n in names}
+        for d in ("v0", "v2"):
+            assert 0 < final[d]["swarmd_eval_loss"] < 0.9 * first_eval[d], (first_eval, final[d]["swarmd_eval_loss"])
+            # stage 0 holds microbatches across its own steps: their gradients are counted with their staleness
+            assert final[d]["swarmd_gradient_staleness_steps_count"] > 0
+        assert all(final[n]["swarmd_eval_loss"] > 0 for n in ("v1", "v3"))  # the last stage scored them
         stop_children(s.children)  # SIGTERM: each node prints its summary and exits 0
         for n in names:
             assert s.child(n).process.returncode == 0, s.output(n)
