@@ -29,19 +29,19 @@ from swarmd.daemon.spec import DEFAULT_SPEC_PATH, RunSpec  # noqa: E402
 
 # name -> changes to the demo spec ("section.key": value)
 SETTINGS: dict[str, dict[str, Any]] = {
-    "paper (b=g=0.7, mu=0.5)": {"averaging.beta": 0.7, "averaging.gamma": 0.7, "averaging.mu": 0.5},
-    "pair-avg (b=g=1, mu=0)": {"averaging.beta": 1.0, "averaging.gamma": 1.0, "averaging.mu": 0.0},
+    "paper b=g=0.7 mu=0.5": {"averaging.beta": 0.7, "averaging.gamma": 0.7, "averaging.mu": 0.5},
+    "pair-avg b=g=1 mu=0": {"averaging.beta": 1.0, "averaging.gamma": 1.0, "averaging.mu": 0.0},
     "pair-avg H=25": {"averaging.beta": 1.0, "averaging.gamma": 1.0, "averaging.mu": 0.0, "averaging.inner_steps": 25},
     "pair-avg H=100": {"averaging.beta": 1.0, "averaging.gamma": 1.0, "averaging.mu": 0.0,
                        "averaging.inner_steps": 100},
-    "b=g=1, mu=0.3": {"averaging.beta": 1.0, "averaging.gamma": 1.0, "averaging.mu": 0.3},
-    "diloco (lr 0.7, nesterov 0.9)": {"run.outer": "diloco"},
-    "diloco (lr 1, momentum 0)": {"run.outer": "diloco", "averaging.diloco_lr": 1.0, "averaging.diloco_momentum": 0.0},
+    "b=g=1 mu=0.3": {"averaging.beta": 1.0, "averaging.gamma": 1.0, "averaging.mu": 0.3},
+    "diloco lr=0.7 nesterov=0.9": {"run.outer": "diloco"},
+    "diloco lr=1 momentum=0": {"run.outer": "diloco", "averaging.diloco_lr": 1.0, "averaging.diloco_momentum": 0.0},
     "none": {"run.outer": "none"},
     "weight_stashes=4": {"pipeline.weight_stashes": 4},
 }
-DEFAULT_SWEEP = ("paper (b=g=0.7, mu=0.5)", "pair-avg (b=g=1, mu=0)", "pair-avg H=25", "pair-avg H=100",
-                 "diloco (lr 0.7, nesterov 0.9)", "none", "weight_stashes=4")
+DEFAULT_SWEEP = ("paper b=g=0.7 mu=0.5", "pair-avg b=g=1 mu=0", "pair-avg H=25", "pair-avg H=100",
+                 "diloco lr=0.7 nesterov=0.9", "none", "weight_stashes=4")
 
 
 def toml_value(value: Any) -> str:

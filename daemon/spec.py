@@ -83,9 +83,11 @@ class AveragingConfig:
     """The outer step every ``inner_steps`` inner steps (see swarmd.swarm.noloco and swarmd.swarm.diloco)."""
 
     inner_steps: int = 50  # H
-    beta: float = 0.7  # NoLoCo: weight of the pair's mean pseudo-gradient (outer learning rate)
-    gamma: float = 0.7  # NoLoCo: pull toward the pair's mean outer weights
-    mu: float = 0.5  # NoLoCo: outer momentum
+    # NoLoCo. beta = gamma = 1, mu = 0 makes the outer step plain averaging of the pair's weights; it beat the
+    # paper's beta = gamma = 0.7, mu = 0.5 (made for 125M-6.8B models) on the demo swarm (bench/sweep.py, RESULTS.md)
+    beta: float = 1.0  # weight of the pair's mean pseudo-gradient (outer learning rate)
+    gamma: float = 1.0  # pull toward the pair's mean outer weights
+    mu: float = 0.0  # outer momentum
     diloco_lr: float = 0.7  # DiLoCo: outer Nesterov SGD
     diloco_momentum: float = 0.9
     pair_timeout_s: float = 10.0  # wait this long at a boundary for a partner, then step solo

@@ -213,10 +213,13 @@ class StageWorker:
         if not self.is_first:
             inputs = inputs.requires_grad_(True)
         weights = self._stashes.get(pending.version, self._params)
-        with torch.enable_grad():
-            outputs = functional_call(self.model, weights, (inputs,))
-            leaves = [*weights.values()] if self.is_first else [inputs, *weights.values()]
-            grads = torch.autograd.grad(outputs, leaves, grad_output.to(device=self.device, dtype=outputs.dtype))
+        try:
+            with torch.enable_grad():
+                outputs = functional_call(self.model, weights, (inputs,))
+                leaves = [*weights.values()] if self.is_first else [inputs, *weights.values()]
+                grads = torch.autograd.grad(outputs, leaves, grad_output.to(device=self.device, dtype=outputs.dtype))
+        finally:
+            self._drop_unused_stash(pending.version)
         grad_input = None if self.is_first else grads[0].detach().cpu()
         for param, grad in zip(self._params.values(), grads[len(leaves) - len(weights):]):
             if param.grad is None:
@@ -224,7 +227,6 @@ class StageWorker:
             else:
                 param.grad.add_(grad)
         self.last_staleness = self.inner_step - pending.inner_step
-        self._drop_unused_stash(pending.version)
         self._finish_microbatch(batch, seq)
         return grad_input
 

@@ -87,6 +87,11 @@ async def attack(maddr: str, peer: str) -> dict[str, str]:
             "forward", {"mb_id": MB_ID, "stage": 1, "route": ["someone-else"], "deadline_s": 10.0}, [acts, targets]))
         results["unknown_microbatch"] = await exchange(p2p, peer, rpc.BACKWARD, encode_message(
             "backward", {"mb_id": MB_ID, "stage": 1, "loss": 1.0}, [acts]))
+        # an evaluation loss for a microbatch the node never sent (ids are secrets of their driver)
+        results["eval_unknown"] = await exchange(p2p, peer, rpc.EVAL_RESULT, encode_message(
+            "eval_result", {"mb_id": MB_ID, "loss": 1.0}))
+        results["eval_nan"] = await exchange(p2p, peer, rpc.EVAL_RESULT, raw_message(
+            {"v": 1, "kind": "eval_result", "tensors": [], "sizes": [], "fields": {"mb_id": MB_ID, "loss": float("nan")}}))
         results["oversize"] = await exchange(p2p, peer, rpc.FORWARD, b"", announce=1 << 40)
         results["codec"] = await exchange(p2p, peer, rpc.FORWARD, raw_message(
             forward_header({**acts.meta, "codec": "zip"}, targets.meta, [len(acts.payload), len(targets.payload)],
@@ -113,6 +118,7 @@ def test_bad_input_is_rejected_counted_and_survived(tmp_path: Path, swarm_env: d
             "garbage": "malformed", "version": "version", "nonfinite": "nonfinite", "shape": "shape",
             "dtype": "dtype", "wrong_stage": "wrong_stage", "unknown_peer": "unknown_peer",
             "unknown_microbatch": "unknown_microbatch", "oversize": "oversize", "codec": "codec",
+            "eval_unknown": "unknown_microbatch", "eval_nan": "malformed",
             "info_after": "test:1",
         }
         assert results == expected
