@@ -59,6 +59,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import netns  # bench/netns.py, next to this file
+from peer import tree_pids  # bench/peer.py: a process and its live descendants
 
 METHODS = ("allreduce", "noloco")
 MIB = 1 << 20
@@ -96,27 +97,13 @@ def _sleep_until(t0: float) -> None:
         time.sleep(min(left, 0.05))
 
 
-def _tree_pids(pid: int) -> list[int]:
-    pids, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        pids.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo += [int(c) for c in f.read().split()]
-        except OSError:
-            pass
-    return pids
-
-
 def tree_peak_rss() -> int:
     """Sum of the peak RSS (VmHWM) of this process and its descendants (p2pd, hivemind's helpers), in bytes.
 
     Pages shared between them (hivemind's shared-memory tensors) count once per process that touched them.
     """
     total = 0
-    for pid in _tree_pids(os.getpid()):
+    for pid in tree_pids(os.getpid()):
         try:
             with open(f"/proc/{pid}/status") as f:
                 total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
@@ -130,7 +117,7 @@ def tree_cpu_seconds() -> float:
     DHT and averager processes): read before and after a step, the difference is that step's CPU cost."""
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0
-    for pid in _tree_pids(os.getpid()):
+    for pid in tree_pids(os.getpid()):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rpartition(")")[2].split()
@@ -150,7 +137,7 @@ def machine_cpu_ticks() -> tuple[int, int]:
 
 def _reset_peak_rss() -> None:
     """Reset VmHWM of this process tree (``echo 5 > /proc/PID/clear_refs``), so each step reports its own peak."""
-    for pid in _tree_pids(os.getpid()):
+    for pid in tree_pids(os.getpid()):
         try:
             with open(f"/proc/{pid}/clear_refs", "w") as f:
                 f.write("5")
