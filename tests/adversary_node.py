@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import swarmd.daemon.outer as outer
+import swarmd.swarm.outer as payloads  # encode_payload: what a replica sends in an outer step
 from swarmd.daemon import cli
 from swarmd.protocols.codecs import encode_tensor
 
@@ -36,9 +37,9 @@ def main() -> int:
             encoded.payload = encoded.payload[:-4] + struct.pack("<f", math.nan)  # the last block's scale
             return encoded
 
-        outer.encode_tensor = encode_with_nan_scale
+        payloads.encode_tensor = encode_with_nan_scale
     elif mode == "huge":
-        outer.encode_tensor = lambda tensor, codec="none", **kw: encode_tensor(tensor * 1e6, codec, **kw)
+        payloads.encode_tensor = lambda tensor, codec="none", **kw: encode_tensor(tensor * 1e6, codec, **kw)
     elif mode == "hang":
         store, marker = outer._Exchange.store, _node_dir(args) / "hung"
 
