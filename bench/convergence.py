@@ -56,6 +56,7 @@ from swarmd.swarm.data import (
     validation_batches,
 )
 from swarmd.swarm.diloco import average_progress, diloco_update
+from swarmd.swarm.evaluation import heldout_loss
 from swarmd.swarm.model import (
     ModelConfig,
     StageModel,
@@ -63,7 +64,14 @@ from swarmd.swarm.model import (
     count_parameters,
     lm_loss,
 )
-from swarmd.swarm.outer import OuterState, assign_flat_, chunk_bounds, encode_payload, flatten_parameters, outer_step_
+from swarmd.swarm.outer import (
+    OuterState,
+    assign_flat_,
+    chunk_bounds,
+    encode_payload,
+    flatten_parameters,
+    outer_step_,
+)
 from swarmd.swarm.stage import optimizer_param_groups
 
 METHODS = ("sync-dp", "diloco", "noloco", "none")
@@ -203,30 +211,17 @@ def cosine_factor(step: int, steps: int) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
 
 
-@torch.no_grad()
-def val_loss(chain: list[StageModel], batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean next-byte cross-entropy of the stage models run in order over all validation windows."""
-    total, count = 0.0, 0
-    for inputs, targets in batches:
-        x = inputs
-        for model in chain:
-            x = model(x)
-        total += float(lm_loss(x, targets)) * inputs.shape[0]
-        count += inputs.shape[0]
-    return total / count
-
-
 def evaluate(swarm: SimulatedSwarm, scratch: list[StageModel], val: list) -> tuple[float, float]:
     """(mean loss over the streams' chains, loss of every stage's replicas averaged); one evaluation if all equal."""
     flats = [[r.flat() for r in stage] for stage in swarm.stages]
     chains = swarm.chains()
     if all(torch.equal(f, stage[0]) for stage in flats for f in stage[1:]):
-        loss = val_loss(chains[0], val)
+        loss = heldout_loss(chains[0], val)
         return loss, loss
-    mean = sum(val_loss(chain, val) for chain in chains) / len(chains)
+    mean = sum(heldout_loss(chain, val) for chain in chains) / len(chains)
     for model, stage in zip(scratch, flats):
         assign_flat_(model.parameters(), torch.stack(stage).mean(0))
-    return mean, val_loss(scratch, val)
+    return mean, heldout_loss(scratch, val)
 
 
 def run_method(method: str, setup: Setup) -> Curve:
