@@ -221,10 +221,10 @@ async def peer_noloco_async(args, commands) -> None:
 
     import torch
     from hivemind.dht.node import DHTNode
-    from hivemind.p2p import P2P
     from swarmd.daemon.compute import ComputeLane
     from swarmd.daemon.metrics import NodeMetrics
     from swarmd.daemon.outer import NoLoCoService
+    from swarmd.daemon.p2p_host import create_p2p
     from swarmd.daemon.spec import DEFAULT_SPEC_PATH, RunSpec
     from swarmd.daemon.transport import Transport
     from swarmd.protocols import rpc
@@ -232,7 +232,7 @@ async def peer_noloco_async(args, commands) -> None:
 
     torch.set_num_threads(1)
     initial = list(args.initial_peers)
-    p2p = await P2P.create(initial_peers=initial, host_maddrs=[f"/ip4/{args.host}/tcp/0"],
+    p2p = await create_p2p(initial_peers=initial, host_maddrs=[f"/ip4/{args.host}/tcp/0"],
                            nat_port_map=False, auto_nat=False, use_relay=False, use_auto_relay=False)
     dht = await DHTNode.create(p2p=p2p, initial_peers=initial, ensure_bootstrap_success=bool(initial))
     metrics = NodeMetrics()

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from swarmd.daemon.checkpoint import model_state, read_checkpoint_tensors
 from swarmd.daemon.demo import (
     Child,
     read_metrics,
@@ -106,7 +107,7 @@ def validation_losses(spec: RunSpec, checkpoints: list[list[Path]], batches: lis
         models = []
         for path in paths:
             model = build_stage(spec.model, stage, spec.pipeline.stages, spec.seed)
-            model.load_state_dict(torch.load(path, weights_only=True)["model"])
+            model.load_state_dict(model_state(read_checkpoint_tensors(path)[1]))
             models.append(model.eval())
         chains = [(ids + (i,), [model(x) for x in xs]) for ids, xs in chains for i, model in enumerate(models)]
     windows = sum(len(targets) for _, targets in batches)

@@ -39,7 +39,13 @@ def _node_arguments(parser: argparse.ArgumentParser) -> None:
     node.add_argument("--node-dir", type=Path, default=None,
                       help="where the node keeps its identity key and ready.json (default ~/.swarmd/<command>)")
     node.add_argument("--stage", type=int, default=None,
-                      help="serve this pipeline stage (default: the stage with the least total throughput)")
+                      help="start on this pipeline stage (default: this node's checkpoint's stage, else the stage "
+                           "with the least total throughput)")
+    node.add_argument("--state-wait", type=float, default=120.0, metavar="S",
+                      help="how long to wait for a replica of a stage that trained but has none left, when this "
+                           "node has no checkpoint of it (default 120)")
+    node.add_argument("--no-rebalance", action="store_true",
+                      help="stay on the first stage; never move to the stage that limits the swarm")
     node.add_argument("--device", default="cpu", help="torch device for compute, e.g. cpu or cuda:0 (default cpu)")
     node.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     node.add_argument("--metrics-host", default="0.0.0.0", help="address of the /metrics endpoint (default 0.0.0.0)")
@@ -99,9 +105,9 @@ def _node_options(args: argparse.Namespace, command: str, **extra):
     return NodeOptions(
         node_dir=args.node_dir or Path.home() / ".swarmd" / command,
         host=args.host, port=args.port, announce=tuple(args.announce),
-        stage=args.stage, device=args.device, threads=args.threads,
+        stage=args.stage, rebalance=not args.no_rebalance, device=args.device, threads=args.threads,
         metrics_host=args.metrics_host, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        max_steps=args.max_steps, duration_s=args.duration, progress_s=args.progress_every,
+        max_steps=args.max_steps, duration_s=args.duration, state_wait_s=args.state_wait, progress_s=args.progress_every,
         nat_traversal=not args.no_nat_traversal, **extra,
     )
 
@@ -147,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(args, "log_level", "warning").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvloop
+    from swarmd.daemon.checkpoint import CheckpointError
+    from swarmd.daemon.state_sync import StateSyncError
 
     try:
         if args.command == "seed":
@@ -159,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             from swarmd.daemon.status import run_status
 
             return uvloop.run(run_status(args.peers, args.seed_id, args.watch))
-    except (SpecError, ConnectionError, OSError) as e:
+    except (SpecError, CheckpointError, StateSyncError, ConnectionError, OSError) as e:
         print(f"swarmd {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from swarmd.daemon.checkpoint import model_state, read_checkpoint_tensors
 from swarmd.daemon.spec import RunSpec
 from swarmd.swarm.data import builtin_corpus, load_corpus, split_corpus, validation_batches
 from swarmd.swarm.evaluation import heldout_loss
@@ -40,12 +41,11 @@ def load_stage_checkpoint(spec: RunSpec, path: Path) -> StageModel:
     """The stage model saved in a node's ``checkpoint.pt``. Raises ValueError naming the file when it is
     unreadable or belongs to another run."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        stage = int(checkpoint["stage"])
-        if checkpoint["run_id"] != spec.run_id:
-            raise ValueError(f"it is for run {checkpoint['run_id']!r}, not {spec.run_id!r}")
-        model = build_stage(spec.model, stage, spec.pipeline.stages, spec.seed)
-        model.load_state_dict(checkpoint["model"])
+        info, tensors = read_checkpoint_tensors(path)
+        if info.run_id != spec.run_id:
+            raise ValueError(f"it is for run {info.run_id!r}, not {spec.run_id!r}")
+        model = build_stage(spec.model, info.stage, spec.pipeline.stages, spec.seed)
+        model.load_state_dict(model_state(tensors))
     except Exception as e:
         raise ValueError(f"cannot load checkpoint {path}: {e}") from None
     return model

@@ -12,6 +12,7 @@ CHANNELS = ("activations", "gradients", "averaging", "state")
 RPCS = tuple(METRIC_LABELS.values())
 MICROBATCH_RESULTS = ("completed", "dropped", "expired")
 OUTER_RESULTS = ("paired", "solo", "rejected", "failed")
+CHECKPOINT_RESULTS = ("written", "failed")
 # Latency buckets from loopback (sub-ms) to slow volunteer links (tens of seconds).
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -77,6 +78,12 @@ class NodeMetrics:
             ["channel"], registry=r,
         )
         self.live_peers = Gauge("swarmd_live_peers", "Live peers per stage, as seen in the DHT", ["stage"], registry=r)
+        self.state_sync = Histogram(
+            "swarmd_state_sync_seconds", "Download of a stage's whole state at a join or a move, first manifest to done",
+            buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800), registry=r,
+        )
+        self.checkpoints = Counter("swarmd_checkpoints", "Checkpoints written, by result", ["result"], registry=r)
+        self.stage_moves = Counter("swarmd_stage_moves", "Moves of this node to another stage (rebalancing)", registry=r)
         self.queue_depth = Gauge("swarmd_queue_depth", "Tasks waiting for or running on the compute lane", registry=r)
         self.inflight = Gauge("swarmd_inflight_microbatches", "Microbatches held for backward", registry=r)
         self.route_failures = Counter(
@@ -98,6 +105,8 @@ class NodeMetrics:
             self.microbatches.labels(result)
         for result in OUTER_RESULTS:
             self.outer_steps.labels(result)
+        for result in CHECKPOINT_RESULTS:
+            self.checkpoints.labels(result)
         for rpc in RPCS:
             self.rpc_latency.labels(rpc)
             self.handler_latency.labels(rpc)

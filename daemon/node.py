@@ -1,7 +1,9 @@
 """A swarmd node: one process, one event loop, one P2P daemon, one in-loop DHT node, one compute lane.
 
-``Node.create`` does the async set-up (P2P, DHT, spec, stage choice, weights); ``Node.run`` serves
-and trains until asked to stop; ``Node.close`` tears everything down, p2pd included.
+``Node.create`` runs the set-up in a fixed sequence: identity -> network -> spec -> stage choice -> stage
+state (live donors, or this node's checkpoint) -> services. ``Node.run`` serves and trains until asked to
+stop; a rebalancing move re-runs the last three steps for another stage. ``Node.close`` leaves cleanly
+(withdraw, drain, checkpoint) and tears everything down, p2pd included.
 """
 
 from __future__ import annotations
@@ -19,32 +21,37 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.timed_storage import get_dht_time
+from swarmd.daemon.checkpoint import CheckpointInfo, checkpoint_path, read_checkpoint_info, restore_checkpoint, write_checkpoint
 from swarmd.daemon.compute import ComputeLane, ThroughputMeter
+from swarmd.daemon.diloco import DiLoCoService
 from swarmd.daemon.heldout import run_corpus
 from swarmd.daemon.identity import NodeIdentity
-from swarmd.daemon.diloco import DiLoCoService
 from swarmd.daemon.metrics import MetricsServer, NodeMetrics
 from swarmd.daemon.outer import NoLoCoService, run_at_boundaries
+from swarmd.daemon.p2p_host import create_p2p
 from swarmd.daemon.peers import PeerTable, announce
 from swarmd.daemon.pipeline import PipelineService
 from swarmd.daemon.records import Heartbeat, spec_key
 from swarmd.daemon.spec import RunSpec, SpecError, sign_spec, verify_spec_record
-from swarmd.daemon.state import download_stage_state, serve_state
+from swarmd.daemon.state_sync import StateDonor, StateDownload, StateSyncError
 from swarmd.daemon.transport import Transport
 from swarmd.protocols import rpc
 from swarmd.protocols.limits import DEFAULT_LIMITS
 from swarmd.protocols.wire import PROTOCOL_VERSION, Message, encode_message
-from swarmd.swarm.balancing import choose_stage
+from swarmd.swarm.balancing import choose_move, choose_stage, stage_throughputs
 from swarmd.swarm.data import CorpusSampler, stream_seed, validation_batches
 from swarmd.swarm.model import build_stage
-from swarmd.swarm.outer import ParameterReplica
-from swarmd.swarm.routing import PeerInfo
+from swarmd.swarm.outer import OuterState, ParameterReplica
+from swarmd.swarm.routing import BanList, PeerInfo
 from swarmd.swarm.stage import StageWorker
+from swarmd.swarm.state_layout import StateSnapshot, take_snapshot
 
 logger = logging.getLogger(__name__)
 VERSION = "0.1.0"
 JOIN_READS = 3  # reads of our stage's record before concluding nobody serves it yet
 JOIN_REREAD_S = 1.0
+DRAIN_S = 5.0  # how long a leaving node lets held microbatches finish
+WITHDRAW_TIMEOUT_S = 3.0
 
 
 @dataclass
@@ -58,6 +65,7 @@ class NodeOptions:
     initial_peers: tuple[str, ...] = ()
     seed_ids: tuple[str, ...] = ()  # peers whose signature on the spec we trust, besides initial peers
     stage: int | None = None  # None: join the stage that limits the swarm's throughput
+    rebalance: bool = True  # move to the stage that limits the swarm when that pays (if the spec enables it)
     train: bool = True
     metrics_host: str = "0.0.0.0"
     metrics_port: int | None = 0  # 0: any free port; None: no metrics endpoint
@@ -67,6 +75,7 @@ class NodeOptions:
     duration_s: float = 0.0  # stop after this many seconds (0: never)
     progress_s: float = 5.0
     heartbeat_s: float = 2.0
+    state_wait_s: float = 120.0  # how long a joiner waits for a replica of a stage that trained and has none
     nat_traversal: bool = True  # NAT port mapping + AutoNAT; always off on loopback-only hosts
     seed_spec: RunSpec | None = field(default=None, repr=False)  # set: this node is the seed
 
@@ -88,6 +97,14 @@ class Node:
         self.p2p: P2P | None = None
         self.lane: ComputeLane | None = None
         self.outer: NoLoCoService | DiLoCoService | None = None
+        self.donor: StateDonor | None = None
+        self.stage: int | None = None
+        self.state_ready = False  # the stage's state is loaded and its services run: checkpoints may be written
+        self.state_bans = BanList()  # donors that sent bad state
+        self.stage_stop = asyncio.Event()
+        self._stage_tasks: list[asyncio.Task] = []
+        self._boundaries = 0
+        self.entered_at = time.monotonic()
 
     @classmethod
     async def create(cls, options: NodeOptions) -> Node:
@@ -100,13 +117,39 @@ class Node:
         return self
 
     async def _setup(self, options: NodeOptions) -> None:
+        """identity -> network -> spec -> stage choice -> stage state (donors or checkpoint) -> services."""
         self.options = options
         self.identity = NodeIdentity.load_or_create(options.node_dir)
+        (options.node_dir / "ready.json").unlink(missing_ok=True)  # a previous run's: we are not serving yet
         self.peer_id = self.identity.peer_id
         if options.threads:
             torch.set_num_threads(options.threads)
+        await self._start_network(options)
+        self.metrics = NodeMetrics()
+        self.transport = Transport(self.p2p, self.metrics, DEFAULT_LIMITS)
+        if options.seed_spec is not None:
+            self.spec = options.seed_spec
+            self.spec_record = sign_spec(self.spec, self.identity)
+            await self._publish_spec()
+        else:
+            self.spec_record, self.spec = await self._fetch_spec(options)
+        spec = self.spec
+        self.peers = PeerTable(spec.pipeline.stages)
+        await self.peers.refresh(self.dht, spec.run_id)
+        self.metrics.info.info({"version": VERSION, "run_id": spec.run_id, "peer_id": self.peer_id})
+        self.metrics.num_stages.set(spec.pipeline.stages)
+        self.metrics.stage.set(-1)
+        await self.transport.serve(rpc.INFO, "info", self._on_info, ("info_request",))
+        await self.transport.serve(rpc.SPEC, "spec", self._on_spec, ("spec_request",))
+        if options.train:
+            self.lane = ComputeLane()
+            await self._enter_stage(self._choose_stage(options))
+        if options.metrics_port is not None:
+            self.metrics_server = MetricsServer(self.metrics, options.metrics_host, options.metrics_port)
+
+    async def _start_network(self, options: NodeOptions) -> None:
         nat = options.nat_traversal and not options.loopback_only
-        self.p2p = await P2P.create(
+        self.p2p = await create_p2p(
             initial_peers=list(options.initial_peers),
             host_maddrs=[f"/ip4/{options.host}/tcp/{options.port}"],
             announce_maddrs=list(options.announce) or None,
@@ -120,36 +163,31 @@ class Node:
         self.dht = await DHTNode.create(
             p2p=self.p2p, initial_peers=list(options.initial_peers), ensure_bootstrap_success=bool(options.initial_peers)
         )
-        self.metrics = NodeMetrics()
-        self.transport = Transport(self.p2p, self.metrics, DEFAULT_LIMITS)
-        if options.seed_spec is not None:
-            self.spec = options.seed_spec
-            self.spec_record = sign_spec(self.spec, self.identity)
-            await self._publish_spec()
-        else:
-            self.spec_record, self.spec = await self._fetch_spec(options)
-        spec = self.spec
-        self.peers = PeerTable(spec.pipeline.stages)
-        await self.peers.refresh(self.dht, spec.run_id)
-        self.stage: int | None = None
-        if options.train:
-            self.stage = options.stage if options.stage is not None else choose_stage(self.peers.all(), spec.pipeline.stages)
-            if not 0 <= self.stage < spec.pipeline.stages:
-                raise SpecError(f"--stage {self.stage} is outside 0..{spec.pipeline.stages - 1}")
-        self.metrics.info.info({"version": VERSION, "run_id": spec.run_id, "peer_id": self.peer_id})
-        self.metrics.stage.set(-1 if self.stage is None else self.stage)
-        self.metrics.num_stages.set(spec.pipeline.stages)
-        await self.transport.serve(rpc.INFO, "info", self._on_info, ("info_request",))
-        await self.transport.serve(rpc.SPEC, "spec", self._on_spec, ("spec_request",))
-        if self.stage is not None:
-            await self._setup_training(options)
-        if options.metrics_port is not None:
-            self.metrics_server = MetricsServer(self.metrics, options.metrics_host, options.metrics_port)
 
-    async def _setup_training(self, options: NodeOptions) -> None:
-        spec, stage = self.spec, self.stage
-        assert stage is not None
-        self.lane = ComputeLane()
+    def _own_checkpoint(self) -> CheckpointInfo | None:
+        """This node's checkpoint of this run, if its node dir holds one (another run's is left alone)."""
+        info = read_checkpoint_info(checkpoint_path(self.options.node_dir))
+        return info if info is not None and info.run_id == self.spec.run_id else None
+
+    def _choose_stage(self, options: NodeOptions) -> int:
+        """--stage; else the stage of our own checkpoint (a returning node brings its stage back); else the
+        stage that limits the swarm's throughput."""
+        stages = self.spec.pipeline.stages
+        if options.stage is not None:
+            stage = options.stage
+        elif (own := self._own_checkpoint()) is not None and own.stage < stages:
+            stage = own.stage
+        else:
+            stage = choose_stage(self.peers.all(), stages)
+        if not 0 <= stage < stages:
+            raise SpecError(f"--stage {stage} is outside 0..{stages - 1}")
+        return stage
+
+    async def _enter_stage(self, stage: int) -> None:
+        """Build the stage's worker, bring in its state (live donors or our checkpoint), start its services."""
+        spec, options = self.spec, self.options
+        self.stage = stage
+        self.metrics.stage.set(stage)
         model = build_stage(spec.model, stage, spec.pipeline.stages, spec.seed).to(options.device)
         o = spec.optimizer
         self.worker = StageWorker(
@@ -157,14 +195,9 @@ class Node:
             microbatches_per_step=o.microbatches_per_step, device=options.device,
             weight_stashes=spec.pipeline.weight_stashes,
         )
-        live = await self._stage_peers(stage)
-        adopted = None  # the source's outer state, taken over with its weights
-        if live and max(p.inner_step for p in live) > 0:
-            source = max(live, key=lambda p: p.inner_step)
-            print(f"downloading stage {stage} weights from {source.peer_id} (step {source.inner_step})", flush=True)
-            adopted = await download_stage_state(self.transport, source.peer_id, stage, self.worker, self.lane)
-        await serve_state(self.transport, stage, self.worker, self.lane,
-                          lambda: self.outer.state if self.outer is not None else None)
+        adopted = await self._stage_state(stage)
+        self.donor = StateDonor(self.transport, stage, self.lane, self._snapshot, self.metrics)
+        await self.donor.register()
         sampler = eval_batches = None
         if stage == 0:
             train, val = run_corpus(spec)
@@ -195,8 +228,69 @@ class Node:
             )
         if self.outer is not None:
             await self.outer.start(adopted)
-            if adopted is not None:
-                print(f"adopted the outer state of {source.peer_id} (outer step {adopted.outer_step})", flush=True)
+        self.entered_at = time.monotonic()
+        self.state_ready = True  # from here on a checkpoint of this stage may be written
+
+    async def _stage_state(self, stage: int) -> OuterState | None:
+        """Load the stage's state into ``self.worker``: from live replicas when one is further along than our
+        own checkpoint, else from the checkpoint, else (a run that never trained) from scratch. Returns the
+        outer state to adopt (None: start it from the weights)."""
+        with_outer = self.spec.outer != "none"
+        own = self._own_checkpoint()
+        own = own if own is not None and own.stage == stage else None
+        live = await self._stage_peers(stage)
+        deadline = time.monotonic() + self.options.state_wait_s
+        while not live and own is None and self._run_has_trained():
+            if time.monotonic() > deadline:
+                raise StateSyncError(
+                    f"stage {stage} has trained (peers are at step {self._run_step()}) but no replica serves it and "
+                    f"{checkpoint_path(self.options.node_dir)} holds none of it: start a node whose --node-dir has "
+                    "this stage's checkpoint, or join another stage with --stage")
+            print(f"stage {stage} has no live replica and this node has no checkpoint of it; waiting for one "
+                  f"(up to {max(deadline - time.monotonic(), 0):.0f} s more)", flush=True)
+            await asyncio.sleep(5.0)
+            await self.peers.refresh(self.dht, self.spec.run_id)
+            live = [p for p in self.peers.stage(stage) if p.peer_id != self.peer_id]
+        best = max((p.inner_step for p in live), default=0)
+        if live and best > 0 and (own is None or best > own.inner_step):
+            ordered = [p.peer_id for p in sorted(live, key=lambda p: -p.inner_step)]
+
+            async def candidates() -> list[str]:
+                await self.peers.refresh(self.dht, self.spec.run_id)
+                fresh = sorted(self.peers.stage(stage), key=lambda p: -p.inner_step)
+                return ordered + [p.peer_id for p in fresh if p.peer_id not in ordered and p.peer_id != self.peer_id]
+
+            download = StateDownload(self.transport, stage, self.worker, self.lane, with_outer, self.metrics,
+                                     self.state_bans)
+            try:
+                result = await download.run(candidates)
+            except StateSyncError:
+                if own is None:
+                    raise
+                print(f"state sync failed; restoring {own.path} instead", flush=True)
+            else:
+                self.worker.inner_step = result.inner_step
+                if result.outer is None:
+                    return None
+                print(f"adopted the outer state of {result.donors[0] if result.donors else '?'} "
+                      f"(outer step {result.outer_step})", flush=True)
+                return OuterState(phi=result.outer[0], delta=result.outer[1], outer_step=result.outer_step or 0)
+        if own is not None:
+            info, outer = await self.lane.run(restore_checkpoint, own.path, self.spec.run_id, stage, self.worker, with_outer)
+            print(f"restored stage {stage} from {info.path} (step {info.inner_step}"
+                  + (f", outer step {info.outer_step})" if info.outer_step is not None else ")"), flush=True)
+            return None if outer is None else OuterState(phi=outer[0], delta=outer[1], outer_step=info.outer_step or 0)
+        return None
+
+    def _run_has_trained(self) -> bool:
+        return self._run_step() > 0
+
+    def _run_step(self) -> int:
+        return max((p.inner_step for p in self.peers.all() if p.peer_id != self.peer_id), default=0)
+
+    def _snapshot(self) -> StateSnapshot:
+        """On the lane: this stage's state as one consistent host copy (for donors and checkpoints)."""
+        return take_snapshot(self.worker, self.outer.state if self.outer is not None else None)
 
     async def _stage_peers(self, stage: int) -> list[PeerInfo]:
         """Live peers of ``stage`` other than us, for the state download. A node fresh in the DHT can read
@@ -272,32 +366,70 @@ class Node:
         self._tasks = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._progress_loop())]
         if self.options.seed_spec is not None:
             self._tasks.append(asyncio.create_task(self._republish_loop()))
-        if self.pipeline is not None:
-            self._tasks.append(asyncio.create_task(self._sweep_loop()))
-            if self.stage == 0:
-                self._tasks.append(asyncio.create_task(self.pipeline.drive(self.stop_event)))
-        if self.outer is not None:
-            self._tasks.append(asyncio.create_task(run_at_boundaries(
-                self.outer.outer_step, lambda: self.worker.inner_step, self.spec.averaging.inner_steps, self.stop_event
-            )))
         if self.options.duration_s > 0:
             self._tasks.append(asyncio.create_task(self._stop_after(self.options.duration_s)))
+        if self.pipeline is not None:
+            self._start_stage_tasks()
+            if self.spec.balancing.enabled and self.options.rebalance:
+                self._tasks.append(asyncio.create_task(self._rebalance_loop()))
         await self.stop_event.wait()
+
+    def _start_stage_tasks(self) -> None:
+        """The loops of the stage this node serves; a move stops them and starts the new stage's."""
+        self.stage_stop = asyncio.Event()
+        self._stage_tasks = [asyncio.create_task(self._sweep_loop())]
+        if self.stage == 0:
+            self._stage_tasks.append(asyncio.create_task(self.pipeline.drive(self.stage_stop)))
+        self._stage_tasks.append(asyncio.create_task(run_at_boundaries(
+            self._at_boundary, lambda: self.worker.inner_step, self.spec.averaging.inner_steps, self.stage_stop
+        )))
+
+    async def _stop_stage_tasks(self) -> None:
+        self.stage_stop.set()
+        for task in self._stage_tasks:
+            task.cancel()
+        await asyncio.gather(*self._stage_tasks, return_exceptions=True)
+        self._stage_tasks = []
+
+    async def _at_boundary(self) -> str:
+        """Every H inner steps: the outer step (if the run averages), then every N boundaries a checkpoint."""
+        result = await self.outer.outer_step() if self.outer is not None else "none"
+        self._boundaries += 1
+        every = self.spec.checkpoint.every_outer_steps
+        if every and self._boundaries % every == 0:
+            await self.write_checkpoint()
+        return result
+
+    async def write_checkpoint(self) -> Path | None:
+        """Snapshot the stage on the lane (between inner steps), write it off the lane, atomically."""
+        if not self.state_ready or self.worker is None:
+            return None  # a failed or unfinished start never overwrites an existing checkpoint
+        path = checkpoint_path(self.options.node_dir)
+        try:
+            snapshot = await self.lane.run(self._snapshot)
+            await asyncio.to_thread(write_checkpoint, path, self.spec.run_id, self.stage, snapshot)
+        except Exception as e:
+            self.metrics.checkpoints.labels("failed").inc()
+            logger.warning("could not write the checkpoint %s: %s: %s", path, type(e).__name__, e)
+            return None
+        self.metrics.checkpoints.labels("written").inc()
+        return path
 
     async def _stop_after(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
         self.stop_event.set()
 
+    def _heartbeat(self, leaving: bool = False) -> Heartbeat:
+        return Heartbeat(
+            throughput=self.pipeline.meter.value, queue_depth=self.lane.depth, inner_step=self.worker.inner_step,
+            samples=self.worker.samples_processed, maddrs=tuple(self.maddrs), leaving=leaving,
+        )
+
     async def _heartbeat_loop(self) -> None:
         while True:
             try:
-                if self.stage is not None and self.pipeline is not None:
-                    beat = Heartbeat(
-                        throughput=self.pipeline.meter.value, queue_depth=self.lane.depth,
-                        inner_step=self.worker.inner_step, samples=self.worker.samples_processed,
-                        maddrs=tuple(self.maddrs),
-                    )
-                    await announce(self.dht, self.spec.run_id, self.stage, self.peer_id, beat,
+                if self.stage is not None and self.pipeline is not None and self.pipeline.accepting:
+                    await announce(self.dht, self.spec.run_id, self.stage, self.peer_id, self._heartbeat(),
                                    ttl=3 * self.options.heartbeat_s)
                 await self.peers.refresh(self.dht, self.spec.run_id)
                 self.metrics.set_live_peers(self.peers.counts())
@@ -310,6 +442,71 @@ class Node:
                     print(f"took {taken} inner steps (now at step {self.worker.inner_step}), stopping", flush=True)
                     self.stop_event.set()
             await asyncio.sleep(self.options.heartbeat_s)
+
+    async def _withdraw(self) -> None:
+        """Stop taking work and outlive our heartbeat with a withdrawal, so peers route around us at once."""
+        if self.stage is None or self.pipeline is None or self.dht is None:
+            return
+        self.pipeline.accepting = False  # also keeps the heartbeat loop from announcing us again
+        try:
+            await asyncio.wait_for(announce(self.dht, self.spec.run_id, self.stage, self.peer_id,
+                                            self._heartbeat(leaving=True), ttl=3 * self.options.heartbeat_s + 1),
+                                   WITHDRAW_TIMEOUT_S)
+        except Exception as e:
+            logger.info("could not withdraw our heartbeat: %s: %s", type(e).__name__, e)
+
+    async def _rebalance_loop(self) -> None:
+        """Now and then (randomized), move to the stage that limits the swarm when that raises its bottleneck
+        by at least balancing.min_gain; never sooner than min_dwell_s after the last join or move."""
+        b = self.spec.balancing
+        rng = random.Random()
+        while True:
+            await asyncio.sleep(b.check_every_s * rng.uniform(0.5, 1.5))
+            if self.pipeline is None or time.monotonic() - self.entered_at < b.min_dwell_s:
+                continue
+            others = [p for p in self.peers.all() if p.peer_id != self.peer_id]
+            target = choose_move(others, self.spec.pipeline.stages, self.stage, self.pipeline.meter.value, b.min_gain)
+            if target is None:
+                continue
+            try:
+                await self.move_to(target)
+            except Exception as e:
+                print(f"move to stage {target} failed ({type(e).__name__}: {e}); stopping", flush=True)
+                self.stop_event.set()
+                return
+
+    async def move_to(self, stage: int) -> None:
+        """Leave our stage (withdraw, drain, stop its services), then enter ``stage``: download its state and
+        serve it. The old stage's microbatches still held here are dropped; their drivers reroute them."""
+        old = self.stage
+        totals = ",".join(f"{t:.0f}" for t in stage_throughputs(self.peers.all(), self.spec.pipeline.stages))
+        print(f"moving from stage {old} to stage {stage} (throughput per stage {totals})", flush=True)
+        await self._leave_stage()
+        await self._enter_stage(stage)
+        self.metrics.stage_moves.inc()
+        self._first_step = self.worker.inner_step
+        self.write_ready_file()
+        self._start_stage_tasks()
+        print(f"moved to stage {stage} at step {self.worker.inner_step}", flush=True)
+
+    async def _leave_stage(self, drain_s: float = DRAIN_S) -> None:
+        """Withdraw from the stage, stop driving, let held microbatches finish (up to ``drain_s``), close the
+        stage's services. The worker stays until the next stage replaces it (for a final checkpoint)."""
+        await self._withdraw()
+        self.stage_stop.set()
+        if self.pipeline is not None:
+            left = await self.pipeline.drain(drain_s)
+            if left:
+                logger.info("left %d microbatch(es) unfinished; their drivers reroute them", left)
+        await self._stop_stage_tasks()
+        if self.donor is not None:
+            await self.donor.close()
+        if self.outer is not None:
+            await self.outer.close()
+        if self.pipeline is not None:
+            await self.pipeline.close()
+        self.pipeline = self.outer = self.donor = None
+        self.state_ready = False
 
     async def _republish_loop(self) -> None:
         while True:
@@ -331,11 +528,12 @@ class Node:
             await asyncio.sleep(self.options.progress_s)
             now = time.monotonic()
             peers = ",".join(str(c) for c in self.peers.counts())
-            if self.worker is None:
-                print(f"[seed] run {self.spec.run_id} | peers per stage {peers}", flush=True)
+            if self.worker is None or self.pipeline is None:
+                print(f"[{'seed' if self.worker is None else 'moving'}] run {self.spec.run_id} | "
+                      f"peers per stage {peers}", flush=True)
                 continue
             samples = self.worker.samples_processed
-            rate = (samples - last_samples) / max(now - last_time, 1e-9)
+            rate = max(samples - last_samples, 0) / max(now - last_time, 1e-9)
             last_samples, last_time = samples, now
             loss, eval_loss = self.pipeline.stats.last_loss, self.pipeline.stats.eval_loss
             outer = f" | outer {self.outer.state.outer_step}" if self.outer is not None else ""
@@ -350,46 +548,38 @@ class Node:
 
     def summary(self) -> str:
         """One line on what this node did, printed at stop (the demo and the tests read it)."""
-        if self.pipeline is None:
+        if self.worker is None:
             return f"summary: run {self.spec.run_id} seed, served the spec"
         outer = ""
         if self.outer is not None:
             counts = self.outer.results
             outer = " outer " + " ".join(f"{r} {counts[r]}" for r in ("paired", "solo", "rejected", "failed"))
+        stats = self.pipeline.stats.summary() if self.pipeline is not None else ""
         return (f"summary: stage {self.stage} inner steps {self.worker.inner_step} samples "
-                f"{self.worker.samples_processed} {self.pipeline.stats.summary()}{outer}")
-
-    def save_checkpoint(self) -> Path | None:
-        """node_dir/checkpoint.pt: this stage's weights, inner step and outer state (written at stop)."""
-        if self.worker is None:
-            return None
-        checkpoint = {
-            "run_id": self.spec.run_id, "stage": self.stage, "inner_step": self.worker.inner_step,
-            "model": self.worker.model.state_dict(),
-            "phi": self.outer.state.phi if self.outer is not None else None,
-            "delta": self.outer.state.delta if self.outer is not None else None,
-        }
-        path = self.options.node_dir / "checkpoint.pt"
-        torch.save(checkpoint, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").rename(path)
-        return path
+                f"{self.worker.samples_processed} {stats}{outer}")
 
     async def close(self) -> None:
-        """Stop everything this node started, p2pd included. Safe to call more than once."""
+        """Leave cleanly, then stop everything this node started, p2pd included. Safe to call more than once.
+
+        Order: withdraw our heartbeat, stop taking work and let held microbatches finish (briefly), stop the
+        loops, write the checkpoint, then leave the DHT and stop p2pd."""
         self.stop_event.set()
+        if self.pipeline is not None and self.state_ready:
+            await self._withdraw()
+            self.stage_stop.set()  # drivers start no new microbatches
+            await self.pipeline.drain(DRAIN_S)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        if self.pipeline is not None:
-            await self.pipeline.close()
-        if self.outer is not None:
-            await self.outer.close()
-        if self.lane is not None:
-            try:  # on the lane: no inner step runs while the weights are copied
-                await self.lane.run(self.save_checkpoint)
-            except Exception as e:
-                logger.warning("could not write the checkpoint: %s", e)
+        if self._stage_tasks:
+            await self._stop_stage_tasks()
+        for service in (self.donor, self.outer, self.pipeline):
+            if service is not None:
+                await service.close()
+        if self.lane is not None and self.state_ready:
+            await self.write_checkpoint()
+        self.state_ready = False
         if self.metrics_server is not None:
             self.metrics_server.close()
             self.metrics_server = None

@@ -91,6 +91,7 @@ class PipelineService:
         self.stats = PipelineStats(eval_scored=deque(maxlen=spec.evaluation.batches))
         self._tasks: set[asyncio.Task] = set()
         self._last_inner_step = worker.inner_step
+        self.accepting = True  # False once the node leaves the stage: new forwards are refused as busy
 
     @property
     def is_last(self) -> bool:
@@ -113,6 +114,8 @@ class PipelineService:
             raise ProtocolError("unknown_peer", "the route must end with the sending peer")
         if mb_id in self.held:
             raise ProtocolError("malformed", "this microbatch id is already held here")
+        if not self.accepting:
+            raise ProtocolError("busy", "this node is leaving its stage; send to another replica")
         if self.held_per_sender[sender] >= self.limits.max_inflight_per_peer:
             raise ProtocolError("busy", f"{self.limits.max_inflight_per_peer} microbatches of yours are in flight here")
         activations, targets = message.tensors
@@ -406,6 +409,9 @@ class PipelineService:
             self.metrics.microbatches.labels("expired").inc()
             self._drop(mb_id)
             return None
+        if loss is None:  # dropped by ``expire``: the peer holding it is gone
+            self.metrics.microbatches.labels("dropped").inc()
+            return None
         self._complete(loss)
         return loss
 
@@ -463,19 +469,34 @@ class PipelineService:
         self._spawn(self.lane.run(self.worker.discard, mb_id))
 
     def expire(self) -> int:
-        """Drop every held microbatch past its deadline. Returns how many."""
+        """Drop every held microbatch past its deadline, or handed to a next-stage peer that is gone from the
+        swarm (its record expired or was withdrawn: it died or left, and no gradient will come back). A
+        driver's own microbatch then ends at once (its wait gets None) instead of blocking one of its
+        in-flight slots until the deadline. Returns how many were dropped."""
         now = time.monotonic()
-        expired = [mb_id for mb_id, held in self.held.items() if held.deadline < now]
-        for mb_id in expired:
-            # a driver's own wait on ``done`` times out at the same deadline; no exception is set
-            # here, as the driver may still be rerouting the hop and never await the future
+        live = set() if self.is_last else {p.peer_id for p in self.peers.stage(self.stage + 1)}
+        dropped = [mb_id for mb_id, held in self.held.items()
+                   if held.deadline < now or (held.downstream is not None and held.downstream not in live)]
+        for mb_id in dropped:
+            done = self.held[mb_id].done
+            if done is not None and not done.done():
+                done.set_result(None)  # never an exception: the driver may still be rerouting, not awaiting it
             self._drop(mb_id)
-        return len(expired)
+        return len(dropped)
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, timeout: float) -> int:
+        """Refuse new work and wait up to ``timeout`` s for the microbatches held here to finish.
+        Returns how many were still held (they are dropped by ``close``; their drivers reroute them)."""
+        self.accepting = False
+        end = time.monotonic() + timeout
+        while self.held and time.monotonic() < end:
+            await asyncio.sleep(0.1)
+        return len(self.held)
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -68,13 +68,14 @@ class Heartbeat:
     inner_step: int
     samples: int
     maddrs: tuple[str, ...]
+    leaving: bool = False  # a withdrawal: the peer left this stage (records cannot be deleted, only outlived)
 
     def encode(self) -> bytes:
-        return msgpack.packb(
-            {"tput": self.throughput, "queue": self.queue_depth, "step": self.inner_step,
-             "samples": self.samples, "maddrs": list(self.maddrs)},
-            use_bin_type=True,
-        )
+        raw = {"tput": self.throughput, "queue": self.queue_depth, "step": self.inner_step,
+               "samples": self.samples, "maddrs": list(self.maddrs)}
+        if self.leaving:
+            raw["leaving"] = True
+        return msgpack.packb(raw, use_bin_type=True)
 
 
 def decode_heartbeat(value: Any) -> Heartbeat | None:
@@ -84,22 +85,22 @@ def decode_heartbeat(value: Any) -> Heartbeat | None:
     try:
         raw = msgpack.unpackb(value, raw=False, max_array_len=64, max_map_len=16, max_str_len=512)
         tput, queue, step, samples = float(raw["tput"]), raw["queue"], raw["step"], raw["samples"]
-        maddrs = raw["maddrs"]
+        maddrs, leaving = raw["maddrs"], raw.get("leaving", False)
     except (ValueError, TypeError, KeyError, msgpack.ExtraData):
         return None
     if not (math.isfinite(tput) and tput >= 0) or not all(isinstance(x, int) and x >= 0 for x in (queue, step, samples)):
         return None
-    if not isinstance(maddrs, list) or not all(isinstance(m, str) for m in maddrs):
+    if not isinstance(maddrs, list) or not all(isinstance(m, str) for m in maddrs) or not isinstance(leaving, bool):
         return None
-    return Heartbeat(tput, queue, step, samples, tuple(maddrs))
+    return Heartbeat(tput, queue, step, samples, tuple(maddrs), leaving)
 
 
 def peers_from_record(stage: int, record: Any) -> list[tuple[PeerInfo, Heartbeat]]:
-    """All valid peers in a stage record (a hivemind dictionary value with subkeys)."""
+    """All valid peers in a stage record (a hivemind dictionary value with subkeys), withdrawn ones left out."""
     peers = []
     for subkey, item in _peer_entries(record):
         beat = decode_heartbeat(item.value)
-        if beat is None:
+        if beat is None or beat.leaving:
             continue
         info = PeerInfo(
             peer_id=subkey, stage=stage, throughput=beat.throughput, queue_depth=beat.queue_depth,

@@ -97,6 +97,23 @@ class AveragingConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """When a node writes its stage's checkpoint (besides at a clean stop)."""
+
+    every_outer_steps: int = 5  # outer boundaries (every averaging.inner_steps inner steps) between writes; 0: never
+
+
+@dataclass(frozen=True)
+class BalancingConfig:
+    """Live rebalancing: a serving peer moves to the stage that limits the swarm when that pays."""
+
+    enabled: bool = True
+    min_gain: float = 0.2  # move only if the swarm's bottleneck would rise by this fraction
+    check_every_s: float = 30.0  # mean seconds between checks (each one randomized 0.5x-1.5x)
+    min_dwell_s: float = 60.0  # seconds on a stage before a peer may move again
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """Everything every peer of a run must agree on."""
 
@@ -110,6 +127,8 @@ class RunSpec:
     outer: str = "noloco"  # how replicas of a stage stay consistent: "noloco", "diloco" or "none"
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    balancing: BalancingConfig = field(default_factory=BalancingConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.run_id) and len(self.run_id) <= 64 and self.run_id.replace("-", "").replace("_", "").isalnum(),
@@ -144,6 +163,10 @@ class RunSpec:
         e = self.evaluation
         _check(0 <= e.every_steps <= 1_000_000, "evaluation.every_steps must be in 0..1000000")
         _check(1 <= e.batches <= 1024, "evaluation.batches must be in 1..1024")
+        _check(0 <= self.checkpoint.every_outer_steps <= 1_000_000, "checkpoint.every_outer_steps must be in 0..1000000")
+        b = self.balancing
+        _check(0 < b.min_gain <= 10, "balancing.min_gain must be in (0, 10]")
+        _check(b.check_every_s > 0 and b.min_dwell_s >= 0, "balancing: need check_every_s > 0 and min_dwell_s >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         """The TOML-shaped dict (also what is signed and published)."""
@@ -156,6 +179,8 @@ class RunSpec:
             "compression": dataclasses.asdict(self.compression),
             "averaging": dataclasses.asdict(self.averaging),
             "evaluation": dataclasses.asdict(self.evaluation),
+            "checkpoint": dataclasses.asdict(self.checkpoint),
+            "balancing": dataclasses.asdict(self.balancing),
         }
 
     @classmethod
@@ -163,7 +188,8 @@ class RunSpec:
         """Build from the TOML-shaped dict; unknown sections or keys are errors, not silently ignored."""
         if not isinstance(raw, dict):
             raise SpecError("run spec must be a table")
-        known = {"run", "model", "pipeline", "optimizer", "data", "compression", "averaging", "evaluation"}
+        known = {"run", "model", "pipeline", "optimizer", "data", "compression", "averaging", "evaluation",
+                 "checkpoint", "balancing"}
         if unknown := set(raw) - known:
             raise SpecError(f"unknown section(s) {sorted(unknown)}; known: {sorted(known)}")
         run = _table(raw, "run")
@@ -189,6 +215,8 @@ class RunSpec:
                 compression=_build(CompressionConfig, "compression", _table(raw, "compression")),
                 averaging=_build(AveragingConfig, "averaging", _table(raw, "averaging")),
                 evaluation=_build(EvaluationConfig, "evaluation", _table(raw, "evaluation")),
+                checkpoint=_build(CheckpointConfig, "checkpoint", _table(raw, "checkpoint")),
+                balancing=_build(BalancingConfig, "balancing", _table(raw, "balancing")),
             )
         except SpecError:
             raise

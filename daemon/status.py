@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from hivemind.dht.node import DHTNode
-from hivemind.p2p import P2P
 from hivemind.utils.multiaddr import Multiaddr
 from swarmd.daemon.metrics import NodeMetrics
+from swarmd.daemon.p2p_host import create_p2p
 from swarmd.daemon.peers import PeerTable
 from swarmd.daemon.spec import RunSpec, verify_spec_record
 from swarmd.daemon.transport import Transport
@@ -35,7 +35,7 @@ def format_swarm(spec: RunSpec, table: PeerTable) -> str:
 async def run_status(maddrs: list[str], seed_ids: list[str], watch_s: float) -> int:
     """Print the swarm once, or every ``watch_s`` seconds until interrupted."""
     local = all("/ip4/127." in m for m in maddrs)
-    p2p = await P2P.create(
+    p2p = await create_p2p(
         initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0" if local else "/ip4/0.0.0.0/tcp/0"],
         nat_port_map=False, auto_nat=False, dht_mode="client",
     )

@@ -42,6 +42,7 @@ class Transport:
         self.p2p = p2p
         self.metrics = metrics
         self.limits = limits
+        self._served: set[str] = set()
 
     async def call(
         self, peer_id: str, rpc: str, label: str, request: bytes, *, timeout: float,
@@ -109,7 +110,10 @@ class Transport:
             finally:
                 writer.close()
 
+        if rpc in self._served:  # a stage move re-registers its handlers, bound to the new stage's services
+            await self.p2p.remove_binary_stream_handler(rpc)
         await self.p2p.add_binary_stream_handler(rpc, on_stream)
+        self._served.add(rpc)
 
 
 REPLY_LINGER_S = 5.0  # how long a server waits for the caller to hang up after the reply

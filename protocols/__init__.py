@@ -16,7 +16,7 @@ from swarmd.protocols.wire import (
     read_frame,
     write_frame,
 )
-from swarmd.protocols.rpc import ALL_RPCS, BACKWARD, FORWARD, INFO, METRIC_LABELS, RPCS, SPEC, STATE, metric_label
+from swarmd.protocols.rpc import ALL_RPCS, BACKWARD, FORWARD, INFO, METRIC_LABELS, RPCS, SPEC, STATE_CHUNK, STATE_MANIFEST, metric_label
 
 __all__ = [
     "ALL_RPCS",
@@ -30,7 +30,7 @@ __all__ = [
     "REJECT_REASONS",
     "RPCS",
     "SPEC",
-    "STATE",
+    "STATE_MANIFEST", "STATE_CHUNK",
     "EncodedTensor",
     "FieldSpec",
     "KindSpec",

@@ -17,6 +17,8 @@ REJECT_REASONS: tuple[str, ...] = (
     "busy",  # the per-peer in-flight limit is reached
     "wrong_stage",  # sent to a node that does not serve the requested stage
     "unauthorized",  # missing or invalid credentials
+    "stalled",  # a peer that accepted a transfer and then made no progress
+    "digest",  # a state chunk whose bytes do not match the digest its sender announced
 )
 
 

@@ -25,7 +25,10 @@ MAX_RUN_ID_CHARS = 128
 MAX_SPEC_RECORD_BYTES = 64 * 1024
 MAX_STATE_TENSORS = 4096
 MAX_PARAM_NAME_CHARS = 256
-MAX_STATE_HEADER_BYTES = 2 * 1024 * 1024  # 4096 names + 4096 tensor metas do not fit in the default 64 KiB
+MAX_STATE_HEADER_BYTES = 2 * 1024 * 1024  # a manifest of 4096 entries does not fit in the default 64 KiB
+MAX_STATE_CHUNKS = 1 << 16
+DIGEST_BYTES = 16
+STATE_DTYPES = frozenset({"float32", "float16", "bfloat16"})
 MB_ID_BYTES = 16
 SESSION_BYTES = 16
 MAX_OUTER_CHUNKS = 1 << 16
@@ -127,25 +130,30 @@ KINDS: Mapping[str, KindSpec] = MappingProxyType(
         ),
         "spec_request": _kind(),
         "spec": _kind({"record": FieldSpec("bytes", max_len=MAX_SPEC_RECORD_BYTES)}),
-        "state_request": _kind({"stage": _STAGE}),
         # NoLoCo outer step: a proposal, chunks of (phi, theta - phi) both ways, the driver's verdict
         "pair_request": _kind({"session": _SESSION, "stage": _STAGE, "numel": _COUNT}),
         "outer_chunk": _kind(_OUTER_CHUNK, min_tensors=2, max_tensors=2),
         "outer_commit": _kind({"session": _SESSION, "verdict": FieldSpec("str", choices=frozenset({"accept", "reject"}))}),
-        "state": _kind(
+        # stage state sync: a manifest (layout, steps, one digest per chunk), then chunks on request
+        "state_manifest_request": _kind({"stage": _STAGE}),
+        "state_manifest": _kind(
             {
                 "stage": _STAGE,
+                "session": _SESSION,
                 "inner_step": _COUNT,
-                "names": FieldSpec(
-                    "list", max_len=MAX_STATE_TENSORS, item=FieldSpec("str", max_len=MAX_PARAM_NAME_CHARS)
-                ),
-                # present when the sender shares its outer state (the last two names: outer/phi, outer/delta)
-                "outer_step": FieldSpec("int", required=False, lo=0, hi=INT64_MAX),
+                "outer_step": FieldSpec("int", required=False, lo=0, hi=INT64_MAX),  # absent: no outer state
+                "chunk_bytes": FieldSpec("int", lo=1, hi=1 << 30),
+                "names": FieldSpec("list", max_len=MAX_STATE_TENSORS, item=FieldSpec("str", max_len=MAX_PARAM_NAME_CHARS)),
+                "shapes": FieldSpec("list", max_len=MAX_STATE_TENSORS, item=FieldSpec(
+                    "list", max_len=8, item=FieldSpec("int", lo=0, hi=DEFAULT_LIMITS.max_tensor_elements))),
+                "dtypes": FieldSpec("list", max_len=MAX_STATE_TENSORS, item=FieldSpec("str", choices=STATE_DTYPES)),
+                "digests": FieldSpec("list", max_len=MAX_STATE_CHUNKS, item=FieldSpec("bytes", exact_len=DIGEST_BYTES)),
             },
-            max_tensors=MAX_STATE_TENSORS,
-            tensors_match="names",
-            tensor_cap=MAX_STATE_TENSORS,
             max_header_bytes=MAX_STATE_HEADER_BYTES,
+        ),
+        "state_chunk_request": _kind({"session": _SESSION, "index": FieldSpec("int", lo=0, hi=MAX_STATE_CHUNKS - 1)}),
+        "state_chunk": _kind(
+            {"session": _SESSION, "index": FieldSpec("int", lo=0, hi=MAX_STATE_CHUNKS - 1)}, min_tensors=1, max_tensors=64
         ),
     }
 )

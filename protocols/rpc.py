@@ -11,12 +11,13 @@ BACKWARD = "swarmd.backward"
 EVAL_RESULT = "swarmd.eval_result"
 INFO = "swarmd.info"
 SPEC = "swarmd.spec"
-STATE = "swarmd.state"
+STATE_MANIFEST = "swarmd.state_manifest"
+STATE_CHUNK = "swarmd.state_chunk"
 PAIR = "swarmd.pair"
 OUTER_CHUNK = "swarmd.outer_chunk"
 OUTER_COMMIT = "swarmd.outer_commit"
 
-ALL_RPCS: tuple[str, ...] = (FORWARD, BACKWARD, EVAL_RESULT, INFO, SPEC, STATE, PAIR, OUTER_CHUNK, OUTER_COMMIT)
+ALL_RPCS: tuple[str, ...] = (FORWARD, BACKWARD, EVAL_RESULT, INFO, SPEC, STATE_MANIFEST, STATE_CHUNK, PAIR, OUTER_CHUNK, OUTER_COMMIT)
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,8 @@ RPCS: Mapping[str, RpcSpec] = MappingProxyType(
         EVAL_RESULT: RpcSpec("eval_result", "eval_result", "ack"),
         INFO: RpcSpec("info", "info_request", "info"),
         SPEC: RpcSpec("spec", "spec_request", "spec"),
-        STATE: RpcSpec("state", "state_request", "state"),
+        STATE_MANIFEST: RpcSpec("state_manifest", "state_manifest_request", "state_manifest"),
+        STATE_CHUNK: RpcSpec("state_chunk", "state_chunk_request", "state_chunk"),
         PAIR: RpcSpec("pair", "pair_request", "ack"),
         OUTER_CHUNK: RpcSpec("outer_chunk", "outer_chunk", "ack"),
         OUTER_COMMIT: RpcSpec("outer_commit", "outer_commit", "ack"),

@@ -51,3 +51,29 @@ def choose_stage(peers: Iterable[PeerInfo], num_stages: int) -> int:
     totals = stage_throughputs(peers, num_stages)
     counts = stage_peer_counts(peers, num_stages)
     return min(range(num_stages), key=lambda stage: (totals[stage], counts[stage], stage))
+
+
+def bottleneck(totals: list[float]) -> float:
+    """The swarm's throughput: the least total throughput over the stages."""
+    return min(totals)
+
+
+def choose_move(peers: Iterable[PeerInfo], num_stages: int, own_stage: int, own_throughput: float,
+                min_gain: float) -> int | None:
+    """The stage this peer should move to, or None to stay.
+
+    ``peers`` are the *other* peers' records. A move is worth it when the bottleneck with this peer moved
+    there is at least ``1 + min_gain`` times the bottleneck with it where it is (Petals' rule, with a margin
+    for hysteresis: a move that only trades places with noise never pays its state download).
+    """
+    totals = stage_throughputs(peers, num_stages)
+    mine = _usable(own_throughput)
+    here = list(totals)
+    here[own_stage] += mine
+    target = choose_stage(peers, num_stages)
+    if target == own_stage:
+        return None
+    there = list(totals)
+    there[target] += mine
+    now, after = bottleneck(here), bottleneck(there)
+    return target if after > now * (1 + min_gain) else None

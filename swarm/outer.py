@@ -86,12 +86,13 @@ class OuterState:
     @classmethod
     def adopt(cls, theta: torch.Tensor, other: OuterState) -> OuterState:
         """A joiner's outer state: the phi, delta and outer step of the replica whose weights it downloaded,
-        on ``theta``'s device (no error-feedback residuals: those belong to the sender's own payloads)."""
+        on ``theta``'s device (no error-feedback residuals: those belong to the sender's own payloads).
+        Buffers already on that device in float32 are taken over, not copied: they are the joiner's own."""
         theta = theta.detach()
         if other.phi.shape != (theta.numel(),) or other.delta.shape != (theta.numel(),):
             raise ValueError(f"outer state of {other.phi.numel()} parameters for a replica of {theta.numel()}")
-        return cls(phi=other.phi.to(theta.device, torch.float32, copy=True),
-                   delta=other.delta.to(theta.device, torch.float32, copy=True), outer_step=other.outer_step)
+        return cls(phi=other.phi.to(theta.device, torch.float32),
+                   delta=other.delta.to(theta.device, torch.float32), outer_step=other.outer_step)
 
     @property
     def numel(self) -> int:

@@ -19,8 +19,10 @@ LOCAL = ["--host", "127.0.0.1", "--metrics-host", "127.0.0.1", "--metrics-port",
 def write_spec(path: Path, *, deadline_s: float = 60.0, hop_timeout_s: float = 10.0, stages: int = 2,
                microbatches_per_step: int = 1, outer: str = "none", inner_steps: int = 50,
                pair_timeout_s: float = 5.0, exchange_timeout_s: float = 20.0, chunk_elements: int = 1 << 20,
-               eval_every_steps: int = 100) -> Path:
-    """A small run spec for tests (the demo's model, tighter timings where a test needs them)."""
+               eval_every_steps: int = 100, checkpoint_every: int = 5, balancing: bool = False,
+               min_dwell_s: float = 60.0, check_every_s: float = 30.0) -> Path:
+    """A small run spec for tests (the demo's model, tighter timings where a test needs them). Rebalancing is
+    off unless asked for: most tests place their volunteers and expect them to stay."""
     path.write_text(f"""
 [run]
 id = "test"
@@ -49,6 +51,12 @@ microbatches_per_step = {microbatches_per_step}
 [evaluation]
 every_steps = {eval_every_steps}
 batches = 4
+[checkpoint]
+every_outer_steps = {checkpoint_every}
+[balancing]
+enabled = {str(balancing).lower()}
+min_dwell_s = {min_dwell_s}
+check_every_s = {check_every_s}
 """)
     return path
 
@@ -78,7 +86,12 @@ class Swarm:
         for child in started:
             self.ready[child.name] = wait_ready(child, 90)
 
+    def join(self, name: str, *extra: str, wait: bool = True) -> Child:
+        """Start one volunteer (again, if ``name`` ran before: with its old node directory)."""
+        return self._start(name, ["join", self.seed_addr, *LOCAL, "--threads", "1", *extra], wait=wait)
+
     def _start(self, name: str, args: list[str], wait: bool = True, launcher: tuple[str, ...] = ()) -> Child:
+        (self.root / name / "ready.json").unlink(missing_ok=True)  # a restart: its last run's file is stale
         child = start_child(name, args, self.root / name, self.env, launcher=launcher)
         self.children.append(child)
         if wait:
@@ -86,7 +99,8 @@ class Swarm:
         return child
 
     def child(self, name: str) -> Child:
-        return next(c for c in self.children if c.name == name)
+        """The latest process started under ``name``."""
+        return next(c for c in reversed(self.children) if c.name == name)
 
     def metrics(self, name: str) -> dict[str, float]:
         """Scrape a node's /metrics into {'name{label="v"}': value}."""

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swarmd.swarm.balancing import choose_stage, stage_peer_counts, stage_throughputs
+from swarmd.swarm.balancing import choose_move, choose_stage, stage_peer_counts, stage_throughputs
 from swarmd.swarm.routing import PeerInfo
 
 
@@ -58,3 +58,24 @@ def test_order_independence(entries, rnd: random.Random):
     rnd.shuffle(shuffled)
     assert stage_throughputs(peers, 4) == stage_throughputs(shuffled, 4)  # bit-identical floats
     assert choose_stage(peers, 4) == choose_stage(shuffled, 4)
+
+
+def _peers(stages_and_tputs: list[tuple[int, float]]) -> list[PeerInfo]:
+    return [PeerInfo(peer_id=f"p{i}", stage=s, throughput=t, queue_depth=0, inner_step=0, expires=1e18)
+            for i, (s, t) in enumerate(stages_and_tputs)]
+
+
+def test_a_peer_moves_to_the_bottleneck_when_it_raises_the_swarm_throughput():
+    # 3 peers on stage 0, 1 on stage 1: a stage-0 peer moving makes it 2 + 2
+    others = _peers([(0, 10.0), (0, 10.0), (1, 10.0)])
+    assert choose_move(others, 2, own_stage=0, own_throughput=10.0, min_gain=0.2) == 1
+    # the lone stage-1 peer stays: leaving would empty its stage
+    assert choose_move(_peers([(0, 10.0)] * 3), 2, own_stage=1, own_throughput=10.0, min_gain=0.2) is None
+
+
+def test_no_move_once_balanced_and_none_for_gains_below_the_margin():
+    assert choose_move(_peers([(0, 10.0), (1, 10.0), (1, 10.0)]), 2, 0, 10.0, 0.2) is None  # 2 + 2
+    assert choose_move(_peers([(0, 10.0), (0, 10.0), (1, 10.0)]), 2, 1, 10.0, 0.2) is None  # 2 + 2
+    # stage 1 is 10% short: moving a small peer would gain less than the 20% margin
+    assert choose_move(_peers([(0, 11.0), (1, 10.0)]), 2, 0, 1.0, 0.2) is None
+    assert choose_move(_peers([(0, 11.0), (1, 10.0)]), 2, 0, 1.0, 0.05) == 1

@@ -24,8 +24,12 @@ VALID: dict[str, tuple[dict, int]] = {
     "info": ({"run_id": "run-1", "peer_id": "12D3KooW", "stage": None, "inner_step": 7, "protocol": 1}, 0),
     "spec_request": ({}, 0),
     "spec": ({"record": b"\x00signed"}, 0),
-    "state_request": ({"stage": 2}, 0),
-    "state": ({"stage": 2, "inner_step": 0, "names": ["w", "b"]}, 2),
+    "state_manifest_request": ({"stage": 2}, 0),
+    "state_manifest": ({"stage": 2, "session": bytes(16), "inner_step": 5, "outer_step": 1, "chunk_bytes": 1 << 24,
+                        "names": ["w", "b"], "shapes": [[3, 4], [4]], "dtypes": ["float32", "bfloat16"],
+                        "digests": [bytes(16)]}, 0),
+    "state_chunk_request": ({"session": bytes(16), "index": 3}, 0),
+    "state_chunk": ({"session": bytes(16), "index": 3}, 2),
     "pair_request": ({"session": bytes(16), "stage": 1, "numel": 1000}, 0),
     "outer_chunk": ({"session": bytes(16), "index": 0, "count": 2, "numel": 1000}, 2),
     "outer_commit": ({"session": bytes(16), "verdict": "accept"}, 0),
@@ -72,6 +76,9 @@ def test_optional_field_may_be_absent():
 @pytest.mark.parametrize("kind", sorted(VALID))
 def test_wrong_tensor_count_is_malformed(kind):
     fields, n = VALID[kind]
+    if KINDS[kind].min_tensors != KINDS[kind].max_tensors:  # a state chunk: 1 up to the cap
+        assert _reason(kind, fields, KINDS[kind].min_tensors - 1) == "malformed"
+        return
     assert _reason(kind, fields, n + 1) == "malformed"
     if n:
         assert _reason(kind, fields, n - 1) == "malformed"
@@ -81,18 +88,18 @@ def test_tensor_cap_is_oversize():
     limits = Limits(max_tensors_per_message=1)
     assert _reason("forward", VALID["forward"][0], 2, limits) == "oversize"
     assert tensor_cap("forward", limits) == 1
-    # state has its own explicit cap, independent of max_tensors_per_message
-    assert tensor_cap("state", limits) == MAX_STATE_TENSORS
+    # a state manifest lists up to MAX_STATE_TENSORS entries; a state chunk carries at most the usual cap
     names = [f"p{i}" for i in range(MAX_STATE_TENSORS)]
-    assert len(validate_fields("state", {"stage": 0, "inner_step": 0, "names": names}, len(names), limits)["names"]) == len(names)
-    assert _reason("state", {"stage": 0, "inner_step": 0, "names": names}, len(names) + 1, limits) == "oversize"
-    assert _reason("state", {"stage": 0, "inner_step": 0, "names": names + ["x"]}, len(names) + 1, limits) == "malformed"
+    manifest = {**VALID["state_manifest"][0], "names": names, "shapes": [[1]] * len(names), "dtypes": ["float32"] * len(names)}
+    assert len(validate_fields("state_manifest", manifest, 0, limits)["names"]) == len(names)
+    assert _reason("state_manifest", {**manifest, "names": names + ["x"]}, 0, limits) == "malformed"
+    assert _reason("state_chunk", VALID["state_chunk"][0], 65) == "oversize"
 
 
 def test_header_caps():
     limits = Limits(max_header_bytes=1000)
     assert header_cap("forward", limits) == 1000
-    assert header_cap("state", limits) > 1000
+    assert header_cap("state_manifest", limits) > 1000
 
 
 def test_unknown_kind_and_non_map_fields():
@@ -148,10 +155,15 @@ def test_unknown_kind_and_non_map_fields():
         ("info", "protocol", None),
         ("spec", "record", b"x" * (64 * 1024 + 1)),
         ("spec", "record", "text"),
-        ("state_request", "stage", -3),
-        ("state", "names", ["n"] * 2 + [None]),
-        ("state", "names", ["n" * 257, "m"]),
-        ("state", "inner_step", 1.5),
+        ("state_manifest_request", "stage", -3),
+        ("state_manifest", "names", ["n"] * 2 + [None]),
+        ("state_manifest", "names", ["n" * 257, "m"]),
+        ("state_manifest", "inner_step", 1.5),
+        ("state_manifest", "dtypes", ["float32", "int64"]),  # state is float
+        ("state_manifest", "digests", [bytes(15)]),
+        ("state_manifest", "shapes", [[3, -4], [4]]),
+        ("state_chunk_request", "index", -1),
+        ("state_chunk", "session", bytes(8)),
     ],
 )
 def test_bad_values_are_malformed(kind, name, value):
@@ -237,12 +249,13 @@ def test_schemas_are_read_only():
 
 
 def test_rpc_names_and_labels():
-    assert rpc.ALL_RPCS == (rpc.FORWARD, rpc.BACKWARD, rpc.EVAL_RESULT, rpc.INFO, rpc.SPEC, rpc.STATE, rpc.PAIR,
+    assert rpc.ALL_RPCS == (rpc.FORWARD, rpc.BACKWARD, rpc.EVAL_RESULT, rpc.INFO, rpc.SPEC, rpc.STATE_MANIFEST,
+                            rpc.STATE_CHUNK, rpc.PAIR,
                             rpc.OUTER_CHUNK, rpc.OUTER_COMMIT)
     assert len(set(rpc.ALL_RPCS)) == len(rpc.ALL_RPCS)
     assert all(name.startswith("swarmd.") for name in rpc.ALL_RPCS)
     assert [rpc.metric_label(n) for n in rpc.ALL_RPCS] == [
-        "forward", "backward", "eval_result", "info", "spec", "state", "pair", "outer_chunk", "outer_commit"]
+        "forward", "backward", "eval_result", "info", "spec", "state_manifest", "state_chunk", "pair", "outer_chunk", "outer_commit"]
     assert dict(rpc.METRIC_LABELS) == {n: rpc.metric_label(n) for n in rpc.ALL_RPCS}
     for spec in rpc.RPCS.values():
         assert spec.request_kind in KINDS and spec.reply_kind in KINDS

@@ -17,6 +17,7 @@ import pytest
 import torch
 from hivemind.p2p import P2P, PeerID
 from swarm_harness import swarm, write_spec
+from swarmd.daemon.p2p_host import create_p2p
 from swarmd.protocols import rpc
 from swarmd.protocols.codecs import encode_tensor
 from swarmd.protocols.wire import decode_reply, encode_message, read_frame, write_frame
@@ -56,7 +57,7 @@ async def exchange(p2p: P2P, peer: str, name: str, data: bytes, announce: int | 
 
 
 async def attack(maddr: str, peer: str) -> dict[str, str]:
-    p2p = await P2P.create(initial_peers=[maddr], host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+    p2p = await create_p2p(initial_peers=[maddr], host_maddrs=["/ip4/127.0.0.1/tcp/0"],
                            nat_port_map=False, auto_nat=False, use_relay=False)
     me = p2p.peer_id.to_base58()
     good = torch.randn(8, 32, 64)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from swarm_harness import swarm, wait_for, write_spec
+from swarmd.daemon.checkpoint import model_state, read_checkpoint_tensors
 from swarmd.daemon.demo import stop_children, wait_all_steps
 
 pytestmark = pytest.mark.slow
@@ -26,6 +27,12 @@ def _outer(metrics: dict[str, float], result: str) -> float:
 
 def _relative_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / a.norm())
+
+
+def _checkpoint(path: Path) -> dict:
+    """A node's checkpoint as {"model": state_dict, "phi": outer phi}."""
+    _, tensors = read_checkpoint_tensors(path)
+    return {"model": model_state(tensors), "phi": tensors.get("outer/phi")}
 
 
 def _flat_weights(checkpoint: dict) -> torch.Tensor:
@@ -47,7 +54,7 @@ def _train_2x2(tmp_path: Path, env: dict[str, str], outer: str, steps: int, pair
         stop_children(s.children)
         for n in NAMES:
             assert s.child(n).process.returncode == 0, s.output(n)
-        return {n: {**torch.load(tmp_path / n / "checkpoint.pt"), "metrics": metrics[n]} for n in NAMES}
+        return {n: {**_checkpoint(tmp_path / n / "checkpoint.pt"), "metrics": metrics[n]} for n in NAMES}
 
 
 def test_pairs_average_and_stay_closer_than_without_averaging(tmp_path: Path, swarm_env: dict[str, str]) -> None:
@@ -87,7 +94,7 @@ def test_diloco_baseline_all_reduces(tmp_path: Path, swarm_env: dict[str, str]) 
         wait_for(lambda: _outer(s.metrics("late"), "paired") >= 1, 180, "the late joiner's first DiLoCo all-reduce")
         stop_children(s.children)
     for n in (*NAMES, "late"):
-        assert torch.isfinite(torch.load(tmp_path / n / "checkpoint.pt")["phi"]).all()
+        assert torch.isfinite(_checkpoint(tmp_path / n / "checkpoint.pt")["phi"]).all()
 
 
 def test_partner_killed_mid_exchange(tmp_path: Path, swarm_env: dict[str, str]) -> None:
@@ -123,7 +130,7 @@ def test_bad_payload_is_rejected(tmp_path: Path, swarm_env: dict[str, str], mode
         assert _outer(m, "paired") == 0
         stop_children(s.children)
         assert s.child("v1").process.returncode == 0, s.output("v1")
-    victim = torch.load(tmp_path / "v1" / "checkpoint.pt")
+    victim = _checkpoint(tmp_path / "v1" / "checkpoint.pt")
     assert torch.isfinite(victim["phi"]).all() and torch.isfinite(_flat_weights(victim)).all()
     assert float(victim["phi"].abs().max()) < 100, "the adversary's payload leaked into the victim's weights"
 

@@ -105,7 +105,7 @@ def tensor_lists(n: int):
 
 @st.composite
 def messages(draw) -> tuple[str, dict, list[tuple[torch.Tensor, str]]]:
-    kind = draw(st.sampled_from(["forward", "backward", "ack", "error", "info_request", "info", "spec_request", "spec", "state_request", "state"]))
+    kind = draw(st.sampled_from(["forward", "backward", "ack", "error", "info_request", "info", "spec_request", "spec", "state_manifest_request", "state_chunk"]))
     if kind == "forward":
         fields = {
             "mb_id": draw(st.binary(min_size=16, max_size=16)),
@@ -134,12 +134,11 @@ def messages(draw) -> tuple[str, dict, list[tuple[torch.Tensor, str]]]:
         ts = []
     elif kind == "spec":
         fields, ts = {"record": draw(st.binary(max_size=2048))}, []
-    elif kind == "state_request":
+    elif kind == "state_manifest_request":
         fields, ts = {"stage": draw(stage)}, []
-    elif kind == "state":
-        names = draw(st.lists(st.text(max_size=256), max_size=6))
-        fields = {"stage": draw(stage), "inner_step": draw(int64), "names": names}
-        ts = draw(tensor_lists(len(names)))
+    elif kind == "state_chunk":
+        fields = {"session": draw(st.binary(min_size=16, max_size=16)), "index": draw(st.integers(0, (1 << 16) - 1))}
+        ts = draw(tensor_lists(draw(st.integers(1, 6))))
     else:  # info_request, spec_request
         fields, ts = {}, []
     return kind, fields, ts
@@ -225,7 +224,7 @@ def test_random_msgpack_headers_never_crash(value, body):
 @settings(max_examples=200, deadline=None)
 @given(msgpack_values)
 def test_random_fields_are_malformed_or_valid(value):
-    out = decode_or_reject(frame(header("state_request", value)))
+    out = decode_or_reject(frame(header("state_manifest_request", value)))
     assert isinstance(out, Message) or out.reason == "malformed"
 
 
@@ -289,8 +288,8 @@ def test_unknown_and_mistyped_fields():
     assert reason_of(frame(header("ack", {"queue_depth": 1, "x": 2}))) == "malformed"
     assert reason_of(frame(header("ack", {"queue_depth": "1"}))) == "malformed"
     assert reason_of(frame(header("ack", [1]))) == "malformed"
-    assert reason_of(frame(header("state_request", {"stage": 1.5}))) == "malformed"
-    assert reason_of(frame(header("state_request", {}))) == "malformed"
+    assert reason_of(frame(header("state_manifest_request", {"stage": 1.5}))) == "malformed"
+    assert reason_of(frame(header("state_manifest_request", {}))) == "malformed"
     good = {"mb_id": MB, "stage": 1, "route": [], "deadline_s": 1.0}
     metas, payloads = zip(*[(t.meta, t.payload) for t in T2])
     sizes = [len(p) for p in payloads]
@@ -372,14 +371,15 @@ def test_oversize_header_is_rejected_before_parsing():
     assert decode_message(data, Limits(max_header_bytes=hlen)).kind == "forward"
 
 
-def test_state_has_its_own_header_and_tensor_caps():
-    names = [f"layer{i}.weight" for i in range(100)]
-    ts = [encode_tensor(torch.zeros(2)) for _ in names]
-    data = encode_message("state", {"stage": 0, "inner_step": 3, "names": names}, ts)
+def test_a_state_manifest_has_its_own_header_cap():
+    n = 100
+    fields = {"stage": 0, "session": bytes(16), "inner_step": 3, "chunk_bytes": 1 << 24,
+              "names": [f"layer{i}.weight" for i in range(n)], "shapes": [[2]] * n, "dtypes": ["float32"] * n,
+              "digests": [bytes(16)] * 4}
+    data = encode_message("state_manifest", fields, [])
     (hlen,) = struct.unpack_from(">I", data)
-    small = Limits(max_header_bytes=hlen // 2, max_tensors_per_message=4)
-    out = decode_message(data, small)
-    assert out.fields["names"] == names and len(out.tensors) == 100
+    small = Limits(max_header_bytes=hlen // 2)
+    assert decode_message(data, small).fields["names"] == fields["names"]
     # the same limits reject the same bulk in another kind
     assert reason_of(data, small, expected_kinds=["forward", "ack"]) == "oversize"
 
