@@ -79,14 +79,14 @@ def test_joiners_stream_a_stage_of_over_a_gibibyte_and_survive_a_dead_donor(tmp_
         victim = next(n for n in ("first", "second") if s.ready[n]["peer_id"] == lead.group(1))
         os.killpg(s.child(victim).process.pid, signal.SIGKILL)
         s.child(victim).process.wait()
-        survivor = "second" if victim == "first" else "first"
         s.ready["third"] = wait_ready(third, 300)
         wait_for(lambda: s.metrics("third")["swarmd_inner_steps_total"] >= 1, 300, "joiner 2's training")
         rss_third = peak_rss(third.process.pid)
         third_out = s.output("third")
     done = re.search(r"state sync: done, (\d+) MiB in ([\d.]+) s .* from (\d+) donor", third_out)
     assert done, third_out
-    assert s.ready[survivor]["peer_id"][-8:] in third_out or int(done.group(3)) >= 1
+    # the lead died mid-transfer: its chunks failed, so the other donor delivered the rest
+    assert re.search(rf"donor {s.ready[victim]['peer_id'][-8:]} failed on chunk", third_out), third_out
     print(f"\nstage state {total / 2**30:.2f} GiB; peak RSS joiner 1 {rss_second / 2**30:.2f} GiB "
           f"({rss_second / total:.2f}x), joiner 2 {rss_third / 2**30:.2f} GiB ({rss_third / total:.2f}x)")
     assert rss_second < 2.5 * total and rss_third < 2.5 * total
