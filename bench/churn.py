@@ -99,7 +99,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import netns  # bench/netns.py, next to this file
 from peer import (  # bench/peer.py: process groups, private folders, hivemind's sockets, CPU accounting
-    MSG,
     REAPER,
     Reaper,
     cpu_ticks,
@@ -107,6 +106,8 @@ from peer import (  # bench/peer.py: process groups, private folders, hivemind's
     machine_busy_ticks,
     private_folder,
     quiet_env,
+    read_messages,
+    say,
     tree_pids,
 )
 from swarmd.daemon.demo import (
@@ -673,10 +674,6 @@ def donor_state(dim: int, layers: int, seed: int):
     return worker, outer
 
 
-def _tell(kind: str, **fields: Any) -> None:
-    print(MSG + json.dumps({"kind": kind, **fields}), flush=True)
-
-
 async def _serve_raw(block: bytes, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """The raw baseline's sender: read an 8-byte length, write that many bytes in RAW_BLOCK writes, then wait
     for the caller to hang up (closing first can make p2pd drop bytes still in flight)."""
@@ -772,7 +769,7 @@ async def sync_peer_async(args: argparse.Namespace) -> None:
     else:
         worker = _sync_stage_worker(args.dim, args.layers)
     nbytes = state_bytes(stage_layout(worker.model, worker.optimizer, True, True))
-    _tell("READY", peer_id=p2p.peer_id.to_base58(), maddrs=[str(m) for m in await p2p.get_visible_maddrs()],
+    say("READY", peer_id=p2p.peer_id.to_base58(), maddrs=[str(m) for m in await p2p.get_visible_maddrs()],
           state_bytes=nbytes)
     loop = asyncio.get_running_loop()
     while (line := await loop.run_in_executor(None, sys.stdin.readline)).strip():
@@ -785,19 +782,19 @@ async def sync_peer_async(args: argparse.Namespace) -> None:
                 await donor.close()
                 donor = await new_donor()
                 gc.collect()
-                _tell("FRESH")
+                say("FRESH")
             elif op == "raw":
-                _tell("RAW", seconds=await _fetch_raw(p2p, cmd["peer"], cmd["nbytes"]))
+                say("RAW", seconds=await _fetch_raw(p2p, cmd["peer"], cmd["nbytes"]))
             elif op == "sync":
-                _tell("SYNC", **await _download(transport, lane, metrics, worker, cmd["donors"]))
+                say("SYNC", **await _download(transport, lane, metrics, worker, cmd["donors"]))
                 gc.collect()
             else:
                 raise ValueError(f"unknown op {op!r}")
         except Exception as e:  # noqa: BLE001  (reported to the parent)
-            _tell("ERROR", error=f"{type(e).__name__}: {e}")
+            say("ERROR", error=f"{type(e).__name__}: {e}")
     lane.close()
     await p2p.shutdown()
-    _tell("BYE")
+    say("BYE")
 
 
 def sync_peer_main(argv: list[str]) -> None:
@@ -841,14 +838,6 @@ class SyncProc:
         return self.info["peer_id"]
 
 
-def _read_messages(p: SyncProc) -> None:
-    assert p.proc.stdout is not None
-    for line in p.proc.stdout:
-        if line.startswith(MSG):
-            p.messages.put(json.loads(line[len(MSG):]))
-    p.messages.put({"kind": "EXIT"})
-
-
 def spawn_sync_proc(name: str, role: str, index: int, host: str, exec_prefix: list[str], dim: int, layers: int,
                     initial: list[str], root: Path, reaper: Reaper) -> SyncProc:
     folder = root / name  # short: p2pd's unix sockets live here
@@ -861,7 +850,7 @@ def spawn_sync_proc(name: str, role: str, index: int, host: str, exec_prefix: li
                                 env=quiet_env(folder, threads=1), start_new_session=True)
     reaper.add_process(proc)
     p = SyncProc(name, proc, folder)
-    threading.Thread(target=_read_messages, args=(p,), daemon=True).start()
+    threading.Thread(target=read_messages, args=(proc, p.messages), daemon=True).start()
     return p
 
 
@@ -1082,7 +1071,8 @@ def print_sync(rows: list[SyncRow], lines: list[str], repeats: int) -> None:
     print(f"({medians}; speed ratios: the baseline's seconds over the download's; manifest: from the start until "
           "the sessions are open and the joiner's buffers allocated, i.e. mostly the donors' snapshots and chunk "
           "digests; transfer: the chunks)\n")
-    print("| network | state MiB | raw stream s | raw MiB/s | 1 donor s | 1 donor / raw (>= 0.8) "
+    # the targets are about a network-bound join (the shaped network); loopback is CPU-bound on a small machine
+    print("| network | state MiB | raw stream s | raw MiB/s | 1 donor s | 1 donor / raw (>= 0.8 shaped) "
           "| 2 donors s | 2 donors / 1 donor (>= 1.6 shaped) | manifest s, 1 / 2 donors | transfer s, 1 / 2 donors |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -1093,7 +1083,8 @@ def print_sync(rows: list[SyncRow], lines: list[str], repeats: int) -> None:
         speed_one, speed_two = ratio(raw, one), ratio(one, two)
         shaped = r.network.startswith("shaped")
         print(f"| {r.network} | {r.state_bytes / MIB:.0f} | {median_cell(r.raw_s)} | {r.state_bytes / MIB / raw:.1f} "
-              f"| {median_cell([d['seconds'] for d in r.one])} | {fmt(speed_one, 2)}x ({verdict(speed_one, 0.8)}) "
+              f"| {median_cell([d['seconds'] for d in r.one])} | {fmt(speed_one, 2)}x"
+              f"{f' ({verdict(speed_one, 0.8)})' if shaped else ''} "
               f"| {median_cell([d['seconds'] for d in r.two])} | {fmt(speed_two, 2)}x"
               f"{f' ({verdict(speed_two, 1.6)})' if shaped else ''} "
               f"| {fmt(r.median('one', 'manifest_s'), 2)} / {fmt(r.median('two', 'manifest_s'), 2)} "

@@ -473,7 +473,8 @@ class SystemRun:
 # hivemind: one peer process (``peer.py _hivemind_peer``), driven over stdin/stdout
 
 
-def _say(kind: str, **fields: Any) -> None:
+def say(kind: str, **fields: Any) -> None:
+    """A child's message to its parent: one line on stdout (``read_messages`` parses it)."""
     print(MSG + json.dumps({"kind": kind, **fields}), flush=True)
 
 
@@ -513,18 +514,18 @@ def hivemind_peer_main(args: argparse.Namespace) -> None:
         matchmaking_time=args.matchmaking_time, averaging_timeout=args.averaging_timeout,
         state_averaging_compression=Float16Compression(), verbose=False,
     )
-    _say("READY", maddrs=[str(m) for m in dht.get_visible_maddrs()])
+    say("READY", maddrs=[str(m) for m in dht.get_visible_maddrs()])
     go = json.loads(sys.stdin.readline())
     sampler = sampler_for(spec, setup.train, args.stream)
     stats = train_hivemind_peer(model, opt, sampler, spec.optimizer.grad_clip, go)
     torch.save(model.state_dict(), args.out)
-    _say("DONE", **stats)
+    say("DONE", **stats)
     # hivemind 1.1.12 logs errors while it shuts down (the DHT process fails to rebuild a pipe from the
     # averager, then is terminated "the hard way"): the parent counts what follows this line separately
     print(SHUTDOWN_MARKER, file=sys.stderr, flush=True)
     opt.shutdown()
     dht.shutdown()
-    _say("BYE")
+    say("BYE")
 
 
 def train_hivemind_peer(model: StageModel, opt: Any, sampler: CorpusSampler, grad_clip: float,
@@ -544,7 +545,7 @@ def train_hivemind_peer(model: StageModel, opt: Any, sampler: CorpusSampler, gra
         losses.append((time.time(), loss))
         if time.time() >= next_report:
             next_report += go.get("report_every", 15.0)
-            _say("PROGRESS", samples=samples, loss=tail_mean(losses, time.time()), epoch=opt.local_epoch)
+            say("PROGRESS", samples=samples, loss=tail_mean(losses, time.time()), epoch=opt.local_epoch)
     if window_samples is None:
         window_samples, start_epoch = samples, opt.local_epoch
     return {"total_samples": samples, "window_samples": samples - window_samples, "steps": len(losses),
@@ -567,12 +568,13 @@ class HivemindPeer:
         return self.folder / "model.pt"
 
 
-def _read_peer(peer: HivemindPeer) -> None:
-    assert peer.proc.stdout is not None
-    for line in peer.proc.stdout:
+def read_messages(proc: subprocess.Popen, messages: queue.Queue) -> None:
+    """Put a child's ``say`` messages into ``messages``, then {"kind": "EXIT"} when its stdout closes."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
         if line.startswith(MSG):
-            peer.messages.put(json.loads(line[len(MSG):]))
-    peer.messages.put({"kind": "EXIT"})
+            messages.put(json.loads(line[len(MSG):]))
+    messages.put({"kind": "EXIT"})
 
 
 def spawn_hivemind_peer(index: int, args: argparse.Namespace, root: Path, run_id: str, stream: str,
@@ -589,7 +591,7 @@ def spawn_hivemind_peer(index: int, args: argparse.Namespace, root: Path, run_id
                             env=quiet_env(folder, threads=1, hivemind_log="WARNING"), start_new_session=True)
     REAPER.add_process(proc)
     peer = HivemindPeer(index, proc, folder)
-    threading.Thread(target=_read_peer, args=(peer,), daemon=True).start()
+    threading.Thread(target=read_messages, args=(proc, peer.messages), daemon=True).start()
     return peer
 
 
