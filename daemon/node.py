@@ -464,9 +464,13 @@ class Node:
             await asyncio.sleep(b.check_every_s * rng.uniform(0.5, 1.5))
             if self.pipeline is None or time.monotonic() - self.entered_at < b.min_dwell_s:
                 continue
-            others = [p for p in self.peers.all() if p.peer_id != self.peer_id]
-            target = choose_move(others, self.spec.pipeline.stages, self.stage, self.pipeline.meter.value, b.min_gain)
+            target = await self._wanted_move()
             if target is None:
+                continue
+            # a second look on fresh records after a random pause: of peers that read the same records and
+            # decided together, the later ones now see the first one's withdrawal
+            await asyncio.sleep(rng.uniform(0.0, self.options.heartbeat_s))
+            if self.pipeline is None or await self._wanted_move() != target:
                 continue
             try:
                 await self.move_to(target)
@@ -474,6 +478,13 @@ class Node:
                 print(f"move to stage {target} failed ({type(e).__name__}: {e}); stopping", flush=True)
                 self.stop_event.set()
                 return
+
+    async def _wanted_move(self) -> int | None:
+        """The stage to move to on the DHT's current records (None: stay)."""
+        await self.peers.refresh(self.dht, self.spec.run_id)
+        others = [p for p in self.peers.all() if p.peer_id != self.peer_id]
+        return choose_move(others, self.spec.pipeline.stages, self.stage, self.pipeline.meter.value,
+                           self.spec.balancing.min_gain)
 
     async def move_to(self, stage: int) -> None:
         """Leave our stage (withdraw, drain, stop its services), then enter ``stage``: download its state and

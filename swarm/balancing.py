@@ -65,15 +65,26 @@ def choose_move(peers: Iterable[PeerInfo], num_stages: int, own_stage: int, own_
     ``peers`` are the *other* peers' records. A move is worth it when the bottleneck with this peer moved
     there is at least ``1 + min_gain`` times the bottleneck with it where it is (Petals' rule, with a margin
     for hysteresis: a move that only trades places with noise never pays its state download).
+
+    Stages differ in cost per sample (the last one also runs the head and the loss), so this peer's speed
+    there is estimated as its speed here scaled by how fast that stage's peers are relative to this one's.
+    A peer leaves a stage only if two others stay (one, to refill an empty stage): peers that decide on the
+    same records at once must not empty it between them.
     """
+    peers = list(peers)  # iterated three times
     totals = stage_throughputs(peers, num_stages)
+    counts = stage_peer_counts(peers, num_stages)
+    target = choose_stage(peers, num_stages)
+    if target == own_stage or counts[own_stage] < (1 if counts[target] == 0 else 2):
+        return None
     mine = _usable(own_throughput)
     here = list(totals)
     here[own_stage] += mine
-    target = choose_stage(peers, num_stages)
-    if target == own_stage:
-        return None
+    if counts[target]:
+        mean_here = here[own_stage] / (counts[own_stage] + 1)
+        mine_there = mine * (totals[target] / counts[target]) / mean_here if mean_here > 0 else 0.0
+    else:
+        mine_there = mine  # nobody to compare with; any throughput beats an empty stage
     there = list(totals)
-    there[target] += mine
-    now, after = bottleneck(here), bottleneck(there)
-    return target if after > now * (1 + min_gain) else None
+    there[target] += mine_there
+    return target if bottleneck(there) > bottleneck(here) * (1 + min_gain) else None

@@ -71,11 +71,27 @@ def test_a_peer_moves_to_the_bottleneck_when_it_raises_the_swarm_throughput():
     assert choose_move(others, 2, own_stage=0, own_throughput=10.0, min_gain=0.2) == 1
     # the lone stage-1 peer stays: leaving would empty its stage
     assert choose_move(_peers([(0, 10.0)] * 3), 2, own_stage=1, own_throughput=10.0, min_gain=0.2) is None
+    # an emptied stage is refilled from a stage of two
+    assert choose_move(_peers([(0, 10.0)]), 2, own_stage=0, own_throughput=10.0, min_gain=0.2) == 1
 
 
 def test_no_move_once_balanced_and_none_for_gains_below_the_margin():
     assert choose_move(_peers([(0, 10.0), (1, 10.0), (1, 10.0)]), 2, 0, 10.0, 0.2) is None  # 2 + 2
     assert choose_move(_peers([(0, 10.0), (0, 10.0), (1, 10.0)]), 2, 1, 10.0, 0.2) is None  # 2 + 2
-    # stage 1 is 10% short: moving a small peer would gain less than the 20% margin
-    assert choose_move(_peers([(0, 11.0), (1, 10.0)]), 2, 0, 1.0, 0.2) is None
-    assert choose_move(_peers([(0, 11.0), (1, 10.0)]), 2, 0, 1.0, 0.05) == 1
+    # stage 1 is short by 10% of what a move would bring: below the 20% margin, above a 5% one
+    others = _peers([(0, 5.5), (0, 5.5), (1, 10.0)])
+    assert choose_move(others, 2, 0, 1.0, 0.2) is None
+    assert choose_move(others, 2, 0, 1.0, 0.05) == 1
+
+
+def test_a_stage_keeps_a_spare_so_peers_deciding_at_once_cannot_empty_it():
+    # two stage-0 peers that both read 2 + 1 would both move and leave stage 0 empty: neither does
+    assert choose_move(_peers([(0, 10.0), (1, 1.0)]), 2, 0, 10.0, 0.2) is None
+
+
+def test_the_speed_a_mover_brings_is_scaled_by_the_target_stage_cost():
+    # stage 1 costs 3x per sample: its peers run at 10 where stage-0 peers run at 30
+    assert choose_move(_peers([(0, 30.0), (0, 30.0), (1, 10.0)]), 2, 0, 30.0, 0.2) == 1  # bottleneck 10 -> 20
+    assert choose_move(_peers([(0, 30.0)] * 3 + [(1, 10.0)] * 2), 2, 0, 30.0, 0.2) == 1  # 20 -> 30
+    # 120 + 60: bringing 30 there would look like 60 -> 90; it brings 10, and 60 -> 70 is under the margin
+    assert choose_move(_peers([(0, 30.0)] * 3 + [(1, 10.0)] * 6), 2, 0, 30.0, 0.2) is None
