@@ -47,7 +47,7 @@ CHUNK_TIMEOUT_S = 30.0  # one chunk: a donor that makes no progress this long lo
 SESSION_IDLE_S = 30.0  # a donor forgets a session after this long without a chunk request
 MAX_UPLOADS = 2  # sessions a donor serves at once
 MAX_DONORS = 2  # replicas a joiner downloads from at once
-REQUESTS_IN_FLIGHT = 2  # chunk requests a joiner keeps open per donor
+REQUESTS_IN_FLIGHT = 2  # chunk requests a joiner keeps open per donor, and the most a donor answers at once per session
 PROGRESS_EVERY_S = 5.0
 MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 1 << 10, 64 << 20  # what a joiner accepts from a donor's manifest
 
@@ -65,6 +65,7 @@ class StateSyncError(RuntimeError):
 class _Session:
     peer_id: str
     last_active: float
+    serving: int = 0  # chunk requests being answered now
 
 
 @dataclass
@@ -146,13 +147,18 @@ class StateDonor:
             raise ProtocolError("unknown_peer", "no state session of yours is open here")
         if index >= len(served.plan):
             raise ProtocolError("malformed", f"chunk {index} of {len(served.plan)}")
+        if entry.serving >= REQUESTS_IN_FLIGHT:  # each one holds a chunk's copy until it is sent
+            raise ProtocolError("busy", f"{REQUESTS_IN_FLIGHT} chunk requests of this session are open here")
+        entry.serving += 1
         entry.last_active = time.monotonic()
-        parts = read_chunk(served.snapshot.tensors, served.plan[index])
-        reply = await asyncio.to_thread(
-            lambda: encode_message("state_chunk", {"session": session, "index": index},
-                                   [encode_tensor(p, "none") for p in parts]))
-        entry.last_active = time.monotonic()
-        return reply
+        try:
+            parts = read_chunk(served.snapshot.tensors, served.plan[index])
+            return await asyncio.to_thread(
+                lambda: encode_message("state_chunk", {"session": session, "index": index},
+                                       [encode_tensor(p, "none") for p in parts]))
+        finally:
+            entry.serving -= 1
+            entry.last_active = time.monotonic()
 
     async def _expire_sessions(self) -> None:
         while True:

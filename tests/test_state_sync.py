@@ -14,13 +14,13 @@ import torch
 from swarmd.daemon.compute import ComputeLane
 from swarmd.daemon.metrics import NodeMetrics
 from swarmd.daemon.p2p_host import create_p2p
-from swarmd.daemon.state_sync import StateDonor, StateDownload, StateSyncError
+from swarmd.daemon.state_sync import REQUESTS_IN_FLIGHT, StateDonor, StateDownload, StateSyncError
 from swarmd.daemon.transport import Transport
 from swarmd.protocols import rpc
 from swarmd.protocols.codecs import EncodedTensor
 from swarmd.protocols.errors import ProtocolError
 from swarmd.protocols.limits import DEFAULT_LIMITS
-from swarmd.protocols.wire import encode_message
+from swarmd.protocols.wire import decode_message, encode_message
 from swarmd.swarm.model import count_parameters
 from swarmd.swarm.outer import OuterState, flatten_parameters
 from swarmd.swarm.routing import BanList
@@ -218,6 +218,28 @@ def test_a_busy_donor_sends_the_joiner_elsewhere_and_no_donor_is_a_clear_error()
             nobody, _ = download(joiner)
             with pytest.raises(StateSyncError, match="no replica of stage 1 could serve its state"):
                 await nobody.run(lambda: _const([]))
+        finally:
+            await teardown(donors, joiner)
+
+    asyncio.run(scenario())
+
+
+def test_a_donor_answers_at_most_a_few_chunk_requests_of_a_session_at_once():
+    async def scenario():
+        donors, joiner = await swarm(1)
+        (first, donor), = donors
+        try:
+            hold = StateDownload(joiner.transport, 1, worker(3), joiner.lane, True, joiner.metrics, BanList(),
+                                 max_donors=1, say=lambda text: None)
+            (opened,) = await hold._open_sessions([first.id], 1)
+            request = decode_message(encode_message("state_chunk_request",
+                                                    {"session": opened.manifest.session, "index": 0}))
+            answers = await asyncio.gather(*(donor._on_chunk(joiner.id, request) for _ in range(6)),
+                                           return_exceptions=True)
+            refused = [a for a in answers if isinstance(a, ProtocolError)]
+            assert len(answers) - len(refused) == REQUESTS_IN_FLIGHT
+            assert all(a.reason == "busy" for a in refused)
+            assert isinstance(await donor._on_chunk(joiner.id, request), bytes)  # the slots came back
         finally:
             await teardown(donors, joiner)
 
