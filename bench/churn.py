@@ -1032,13 +1032,16 @@ def run_sync_part(args: argparse.Namespace, reaper: Reaper, nets: list[netns.Sha
     dim, layers = sync_model_config(args.state_mb)
     progress(f"sync: state of ~{args.state_mb:g} MiB (stage {SYNC_STAGE} of {SYNC_STAGES}, dim {dim}, {layers} "
              f"blocks), {args.repeats} repeat(s) per network")
-    loopback = SyncRow("loopback (127.0.0.1)")
-    rows.append(loopback)
-    try:
-        measure_sync(loopback, None, args, reaper, root)
-    except (RuntimeError, TimeoutError) as e:
-        loopback.skipped = f"failed: {e}"
-        progress(f"[sync loopback] FAILED: {e}")
+
+    def measure(row: SyncRow, net: netns.ShapedNetwork | None, name: str) -> None:
+        rows.append(row)
+        try:
+            measure_sync(row, net, args, reaper, root)
+        except (RuntimeError, TimeoutError) as e:
+            row.skipped = f"failed: {e}"
+            progress(f"[sync {name}] FAILED: {e}")
+
+    measure(SyncRow("loopback (127.0.0.1)"), None, "loopback")
     if args.no_shaped:
         return rows, lines
     net, label, lines = build_shaped(args, nets)
@@ -1046,13 +1049,8 @@ def run_sync_part(args: argparse.Namespace, reaper: Reaper, nets: list[netns.Sha
         rows.append(SyncRow("shaped", skipped=label))
         progress(f"[sync shaped] not measured: {label}")
         return rows, lines
-    shaped = SyncRow(label)
-    rows.append(shaped)
     try:
-        measure_sync(shaped, net, args, reaper, root)
-    except (RuntimeError, TimeoutError) as e:
-        shaped.skipped = f"failed: {e}"
-        progress(f"[sync shaped] FAILED: {e}")
+        measure(SyncRow(label), net, "shaped")
     finally:
         net.teardown()
         nets.remove(net)
