@@ -223,7 +223,9 @@ async def peer_noloco_async(args, commands) -> None:
     from hivemind.dht.node import DHTNode
     from swarmd.daemon.compute import ComputeLane
     from swarmd.daemon.metrics import NodeMetrics
+    from swarmd.daemon.identity import NodeIdentity
     from swarmd.daemon.outer import NoLoCoService
+    from swarmd.daemon.records import record_signer
     from swarmd.daemon.p2p_host import create_p2p
     from swarmd.daemon.spec import DEFAULT_SPEC_PATH, RunSpec
     from swarmd.daemon.transport import Transport
@@ -232,9 +234,14 @@ async def peer_noloco_async(args, commands) -> None:
 
     torch.set_num_threads(1)
     initial = list(args.initial_peers)
+    # the daemon's identity and signed records: ready-board entries name their owner by its key
+    identity = NodeIdentity.load_or_create(Path(tempfile.mkdtemp(prefix="swarmd-bench-id-")))
+    signer = record_signer("bench", 1, identity)
     p2p = await create_p2p(initial_peers=initial, host_maddrs=[f"/ip4/{args.host}/tcp/0"],
-                           nat_port_map=False, auto_nat=False, use_relay=False, use_auto_relay=False)
-    dht = await DHTNode.create(p2p=p2p, initial_peers=initial, ensure_bootstrap_success=bool(initial))
+                           identity_path=str(identity.path), nat_port_map=False, auto_nat=False, use_relay=False,
+                           use_auto_relay=False)
+    dht = await DHTNode.create(p2p=p2p, initial_peers=initial, ensure_bootstrap_success=bool(initial),
+                               record_validator=signer.validator)
     metrics = NodeMetrics()
     transport = Transport(p2p, metrics, DEFAULT_LIMITS)
     lane = ComputeLane()
@@ -254,7 +261,8 @@ async def peer_noloco_async(args, commands) -> None:
         codec = cmd.get("codec") or spec.compression.averaging
         replica = FlatReplica(_make_tensor(numel, seed=1000 * args.index + numel % 997))
         service = NoLoCoService(
-            run_id=f"bench{cmd['tag']}", stage=0, peer_id=peer_id, config=config, codec=codec,
+            run_id=f"bench{cmd['tag']}", stage=0, peer_id=peer_id, board_subkey=signer.subkey, config=config,
+            codec=codec,
             block_size=spec.compression.block_size, transport=transport, dht=dht, lane=lane, replica=replica,
             metrics=metrics, limits=DEFAULT_LIMITS, rng=random.Random(args.index * 7919 + numel),
         )
@@ -284,6 +292,7 @@ async def peer_noloco_async(args, commands) -> None:
     lane.close()
     await dht.shutdown()
     await p2p.shutdown()
+    shutil.rmtree(identity.path.parent, ignore_errors=True)
 
 
 def peer_main(args) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
+import math
 import os
 import signal
 import sys
@@ -13,6 +15,8 @@ from pathlib import Path
 # hivemind reads its log level at import time; keep its INFO chatter out of the progress output
 os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
 
+import torch
+from swarmd.daemon.p2p_host import AddressError, check_announce_maddr, check_peer_id, peer_id_of
 from swarmd.daemon.spec import DEFAULT_SPEC_PATH, RunSpec, SpecError
 
 DESCRIPTION = """\
@@ -23,6 +27,7 @@ microbatches travel through randomized pipelines across the volunteers' machines
   swarmd seed RUN.toml                start a run and print the join command for volunteers
   swarmd join MULTIADDR               join a run and serve + train the stage that needs help most
   swarmd status MULTIADDR             print a run's stages, peers, steps and loss
+  swarmd token mint|revoke            join tokens of a private run (on the seed's machine)
 """
 
 
@@ -75,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "spec, pick a stage, download its weights, then serve and train.")
     join.add_argument("peers", nargs="+", metavar="MULTIADDR",
                       help="one or more peers of the run, e.g. /ip4/1.2.3.4/tcp/31337/p2p/12D3Koo...")
+    join.add_argument("--token", default=None, metavar="TOKEN",
+                      help="join token of a private run (the operator mints it with `swarmd token mint`)")
     join.add_argument("--seed-id", action="append", default=[], metavar="PEER_ID",
                       help="trust specs signed by this peer (the seed), when joining through another peer")
     _node_arguments(join)
@@ -85,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--seed-id", action="append", default=[], metavar="PEER_ID",
                         help="trust specs signed by this peer, when asking another peer")
     status.add_argument("--watch", type=float, default=0.0, help="refresh every this many seconds (default: once)")
+
+    token = commands.add_parser("token", help="mint or revoke join tokens of a private run (on the seed's machine)",
+                                description="Join tokens let volunteers into a run whose spec says "
+                                            "[run] access = \"private\". They are signed with the seed's key "
+                                            "(its --node-dir) and checked by every member.")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    mint = token_commands.add_parser("mint", help="print a new join token")
+    mint.add_argument("--spec", type=Path, default=DEFAULT_SPEC_PATH, help="the run spec the seed runs (default: embedded)")
+    mint.add_argument("--node-dir", type=Path, default=None, help="the seed's node dir (default ~/.swarmd/seed)")
+    mint.add_argument("--ttl", default="7d", help="how long the token is valid: 90s, 30m, 12h or 7d (default 7d)")
+    mint.add_argument("--peer-id", default=None, help="only this peer may use the token (default: anyone holding it)")
+    mint.add_argument("--stages", default=None, help="comma-separated stages it may serve, e.g. 0,1 (default: any)")
+    revoke = token_commands.add_parser("revoke", help="revoke tokens by id; the running seed publishes the list")
+    revoke.add_argument("ids", nargs="+", metavar="TOKEN_ID", help="token ids, as `swarmd token mint` printed them")
+    revoke.add_argument("--node-dir", type=Path, default=None, help="the seed's node dir (default ~/.swarmd/seed)")
 
     demo = commands.add_parser("demo", help="run a local swarm on 127.0.0.1 (seed + volunteers) and watch it train",
                                description="Start a seed and volunteers as separate processes on 127.0.0.1 "
@@ -144,8 +166,112 @@ def _print_banner(node) -> None:
         print(f"  swarmd join {public[0]}", flush=True)
 
 
+class UsageError(ValueError):
+    """An option value swarmd cannot use; the message says which and what to give instead."""
+
+
+# numeric node options: (option, attribute, lowest, highest); checked before anything starts
+_NODE_RANGES = (
+    ("--port", "port", 0, 65535),
+    ("--metrics-port", "metrics_port", -1, 65535),
+    ("--stage", "stage", 0, math.inf),
+    ("--threads", "threads", 0, math.inf),
+    ("--state-wait", "state_wait", 0, math.inf),
+    ("--max-steps", "max_steps", 0, math.inf),
+    ("--duration", "duration", 0, math.inf),
+    ("--progress-every", "progress_every", 0.1, math.inf),
+)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse option values and multiaddrs swarmd cannot use before it starts anything (p2pd included).
+
+    Raises UsageError, or AddressError for a multiaddr or peer id; each says what is wrong and what to do."""
+    if args.command in ("seed", "join"):
+        _check_node_arguments(args)
+    if args.command == "status":
+        _check_ranges(args, (("--watch", "watch", 0, math.inf),))
+    if args.command in ("join", "status"):
+        for maddr in args.peers:
+            peer_id_of(maddr)
+        for peer_id in args.seed_id:
+            check_peer_id(peer_id)
+
+
+def _check_ranges(args: argparse.Namespace, ranges: tuple[tuple[str, str, float, float], ...]) -> None:
+    for option, attribute, low, high in ranges:
+        value = getattr(args, attribute)
+        if value is not None and not low <= value <= high:  # "not" so that nan fails too
+            allowed = f"{low} or more" if high == math.inf else f"{low}..{high}"
+            raise UsageError(f"{option} {value} is out of range: use {allowed}")
+
+
+def _check_node_arguments(args: argparse.Namespace) -> None:
+    _check_ranges(args, _NODE_RANGES)
+    try:
+        ipaddress.IPv4Address(args.host)
+    except ValueError:
+        raise UsageError(f"--host {args.host!r} is not an IPv4 address: give one of this machine's, e.g. 0.0.0.0 "
+                         "(all interfaces) or 127.0.0.1 (this machine only)") from None
+    for maddr in args.announce:
+        check_announce_maddr(maddr)
+    if not isinstance(logging.getLevelName(args.log_level.upper()), int):
+        raise UsageError(f"--log-level {args.log_level!r} is not a log level: use debug, info, warning or error")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device!r} is not a torch device: use cpu, cuda or cuda:<index>") from None
+
+
+def _fail(command: str, error: Exception) -> int:
+    """Report ``error`` as one line on stderr, the way argparse reports usage errors, and return exit code 2."""
+    print(f"swarmd {command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return 2
+
+
+_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _run_token(args: argparse.Namespace) -> int:
+    """`swarmd token mint|revoke`: sign a token with the seed's key, or add ids to its revocation list."""
+    from swarmd.daemon.identity import NodeIdentity
+    from swarmd.daemon.membership import TokenError, mint_token, revoke_tokens
+
+    node_dir = args.node_dir or Path.home() / ".swarmd" / "seed"
+    if args.token_command == "revoke":
+        ids = revoke_tokens(node_dir, args.ids)
+        print(f"revoked {', '.join(args.ids)} ({len(ids)} revoked in all); the running seed publishes the list "
+              f"within seconds ({node_dir / 'revoked.json'})")
+        return 0
+    text = args.ttl.strip()
+    try:
+        ttl = float(text[:-1]) * _TTL_UNITS[text[-1]]
+        stages = None if args.stages is None else [int(s) for s in args.stages.split(",")]
+    except (KeyError, ValueError, IndexError):
+        raise TokenError(f"--ttl {args.ttl!r} or --stages {args.stages!r} is not understood: use e.g. --ttl 12h "
+                         "--stages 0,1") from None
+    if not ttl > 0 or (stages is not None and min(stages) < 0):
+        raise TokenError("--ttl must be positive and --stages non-negative")
+    if not (node_dir / "identity.key").exists():
+        raise TokenError(f"{node_dir} holds no seed identity: run this on the seed's machine with its --node-dir")
+    spec = RunSpec.load(args.spec)
+    if spec.access != "private":
+        print(f"note: run {spec.run_id!r} is open (its spec has no access = \"private\"): anyone may join it",
+              file=sys.stderr)
+    token, grant = mint_token(NodeIdentity.load_or_create(node_dir), spec.run_id, ttl, args.peer_id, stages)
+    print(f"token id {grant.token_id} for run {spec.run_id!r}, valid {args.ttl}"
+          + (f", peer {grant.peer_id}" if grant.peer_id else "") + (f", stages {list(grant.stages)}" if grant.stages else ""),
+          file=sys.stderr)
+    print(token)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        check_arguments(args)
+    except (UsageError, AddressError) as e:
+        return _fail(args.command, e)
     if args.command == "demo":
         from swarmd.daemon.demo import run_demo
 
@@ -154,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvloop
     from swarmd.daemon.checkpoint import CheckpointError
+    from swarmd.daemon.membership import TokenError
     from swarmd.daemon.state_sync import StateSyncError
 
     try:
@@ -161,15 +288,17 @@ def main(argv: list[str] | None = None) -> int:
             spec = RunSpec.load(args.spec)
             return uvloop.run(_run_node(_node_options(args, "seed", seed_spec=spec, train=not args.no_train)))
         if args.command == "join":
-            options = _node_options(args, "join", initial_peers=tuple(args.peers), seed_ids=tuple(args.seed_id))
+            options = _node_options(args, "join", initial_peers=tuple(args.peers), seed_ids=tuple(args.seed_id),
+                                    token=args.token)
             return uvloop.run(_run_node(options))
+        if args.command == "token":
+            return _run_token(args)
         if args.command == "status":
             from swarmd.daemon.status import run_status
 
             return uvloop.run(run_status(args.peers, args.seed_id, args.watch))
-    except (SpecError, CheckpointError, StateSyncError, ConnectionError, OSError) as e:
-        print(f"swarmd {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (SpecError, TokenError, CheckpointError, StateSyncError, ConnectionError, OSError) as e:
+        return _fail(args.command, e)
     except KeyboardInterrupt:
         return 130
     return 1

@@ -95,6 +95,14 @@ class NodeMetrics:
         self.rejected = Counter(
             "swarmd_rejected_messages", "Incoming messages rejected, by reason", ["reason"], registry=r
         )
+        self.dropped_requests = Counter(
+            "swarmd_dropped_requests", "Incoming requests whose stream ended before the whole request arrived",
+            registry=r,
+        )
+        self.open_streams = Gauge(
+            "swarmd_open_streams", "Inbound RPC streams being served now (bounded by Limits.max_open_streams)",
+            registry=r,
+        )
         # Pre-create the fixed label values so every series exists (and dashboards show 0, not "no data").
         for channel in CHANNELS:
             self.bytes_sent.labels(channel)

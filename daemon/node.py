@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
-from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.timed_storage import get_dht_time
 from swarmd.daemon.checkpoint import CheckpointInfo, checkpoint_path, read_checkpoint_info, restore_checkpoint, write_checkpoint
 from swarmd.daemon.compute import ComputeLane, ThroughputMeter
@@ -28,11 +27,14 @@ from swarmd.daemon.heldout import run_corpus
 from swarmd.daemon.identity import NodeIdentity
 from swarmd.daemon.metrics import MetricsServer, NodeMetrics
 from swarmd.daemon.outer import NoLoCoService, run_at_boundaries
-from swarmd.daemon.p2p_host import create_p2p
+from swarmd.daemon.p2p_host import create_p2p, peer_id_of
 from swarmd.daemon.peers import PeerTable, announce
 from swarmd.daemon.pipeline import PipelineService
-from swarmd.daemon.records import Heartbeat, spec_key
-from swarmd.daemon.spec import RunSpec, SpecError, sign_spec, verify_spec_record
+from swarmd.daemon.membership import Membership, TokenError, check_token, read_revocations, token_bytes
+from swarmd.daemon.records import (
+    Heartbeat, decode_revocations, encode_revocations, owner_peer_id, record_signer, revoked_key, spec_key,
+)
+from swarmd.daemon.spec import RunSpec, SpecError, sign_spec, spec_signer_key, verify_spec_record
 from swarmd.daemon.state_sync import StateDonor, StateDownload, StateSyncError
 from swarmd.daemon.transport import Transport
 from swarmd.protocols import rpc
@@ -52,6 +54,7 @@ JOIN_READS = 3  # reads of our stage's record before concluding nobody serves it
 JOIN_REREAD_S = 1.0
 DRAIN_S = 5.0  # how long a leaving node lets held microbatches finish
 WITHDRAW_TIMEOUT_S = 3.0
+REVOCATIONS_TTL_S = 180.0  # the seed republishes its revocation list every 60 s
 
 
 @dataclass
@@ -77,6 +80,7 @@ class NodeOptions:
     heartbeat_s: float = 2.0
     state_wait_s: float = 120.0  # how long a joiner waits for a replica of a stage that trained and has none
     nat_traversal: bool = True  # NAT port mapping + AutoNAT; always off on loopback-only hosts
+    token: str | None = None  # a private run's join token (from the seed's `swarmd token mint`)
     seed_spec: RunSpec | None = field(default=None, repr=False)  # set: this node is the seed
 
     @property
@@ -104,6 +108,7 @@ class Node:
         self.stage_stop = asyncio.Event()
         self._stage_tasks: list[asyncio.Task] = []
         self._boundaries = 0
+        self._first_step: int | None = None  # our inner step when run() started (None: not running yet)
         self.entered_at = time.monotonic()
 
     @classmethod
@@ -117,37 +122,69 @@ class Node:
         return self
 
     async def _setup(self, options: NodeOptions) -> None:
-        """identity -> network -> spec -> stage choice -> stage state (donors or checkpoint) -> services."""
+        """identity -> network -> spec -> records and membership -> stage choice -> stage state -> services."""
         self.options = options
         self.identity = NodeIdentity.load_or_create(options.node_dir)
         (options.node_dir / "ready.json").unlink(missing_ok=True)  # a previous run's: we are not serving yet
         self.peer_id = self.identity.peer_id
         if options.threads:
             torch.set_num_threads(options.threads)
-        await self._start_network(options)
+        await self._start_p2p(options)
         self.metrics = NodeMetrics()
         self.transport = Transport(self.p2p, self.metrics, DEFAULT_LIMITS)
         if options.seed_spec is not None:
             self.spec = options.seed_spec
             self.spec_record = sign_spec(self.spec, self.identity)
-            await self._publish_spec()
         else:
             self.spec_record, self.spec = await self._fetch_spec(options)
         spec = self.spec
+        self.transport.bound_to(spec)  # request size caps from the run's tensor shapes
+        seed_key = spec_signer_key(self.spec_record)
+        self.token = self._own_token(options, seed_key)
+        # The DHT starts once the run is known: its validator enforces the run's record rules from the first store.
+        self.signer = record_signer(spec.run_id, spec.pipeline.stages, self.identity)
+        try:
+            self.dht = await DHTNode.create(
+                p2p=self.p2p, initial_peers=list(options.initial_peers),
+                ensure_bootstrap_success=bool(options.initial_peers), record_validator=self.signer.validator,
+            )
+        except RuntimeError as e:  # hivemind: "DHTNode bootstrap failed: none of the initial_peers responded"
+            raise ConnectionError(f"{e}: check that these are addresses of live swarmd nodes of the run") from None
         self.peers = PeerTable(spec.pipeline.stages)
+        self.membership = Membership(spec.run_id, spec.access == "private", seed_key, self.peers,
+                                     refresh=lambda: self.peers.refresh(self.dht, spec.run_id))
+        self.peers.policy = self.membership.accepts
+        self.transport.admit = self.membership.admit
+        if options.seed_spec is not None:
+            await self._publish_spec()
+        await self._read_revocations()
         await self.peers.refresh(self.dht, spec.run_id)
         self.metrics.info.info({"version": VERSION, "run_id": spec.run_id, "peer_id": self.peer_id})
         self.metrics.num_stages.set(spec.pipeline.stages)
         self.metrics.stage.set(-1)
-        await self.transport.serve(rpc.INFO, "info", self._on_info, ("info_request",))
-        await self.transport.serve(rpc.SPEC, "spec", self._on_spec, ("spec_request",))
+        await self.transport.serve(rpc.INFO, "info", self._on_info, ("info_request",), members_only=False)
+        await self.transport.serve(rpc.SPEC, "spec", self._on_spec, ("spec_request",), members_only=False)
+        # Heartbeats start before the stage's state comes in: a joining entry makes us a member its donors serve.
+        self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
         if options.train:
             self.lane = ComputeLane()
             await self._enter_stage(self._choose_stage(options))
         if options.metrics_port is not None:
             self.metrics_server = MetricsServer(self.metrics, options.metrics_host, options.metrics_port)
 
-    async def _start_network(self, options: NodeOptions) -> None:
+    def _own_token(self, options: NodeOptions, seed_key: bytes) -> bytes:
+        """Our join token's bytes (b"": none needed), checked before anything is announced: a private run
+        refuses a volunteer without a valid one, so say so now, in one line."""
+        if self.spec.access != "private" or options.seed_spec is not None:
+            return b""
+        if not options.token:
+            raise TokenError(f"run {self.spec.run_id!r} is private: ask its operator for a join token "
+                             "(`swarmd token mint` on the seed) and pass it with --token")
+        raw = token_bytes(options.token)
+        check_token(raw, seed_key, self.spec.run_id, self.peer_id, options.stage, frozenset())
+        return raw
+
+    async def _start_p2p(self, options: NodeOptions) -> None:
         nat = options.nat_traversal and not options.loopback_only
         self.p2p = await create_p2p(
             initial_peers=list(options.initial_peers),
@@ -160,9 +197,6 @@ class Node:
             use_relay=nat,
         )
         self.maddrs = [str(m) for m in await self.p2p.get_visible_maddrs()]
-        self.dht = await DHTNode.create(
-            p2p=self.p2p, initial_peers=list(options.initial_peers), ensure_bootstrap_success=bool(options.initial_peers)
-        )
 
     def _own_checkpoint(self) -> CheckpointInfo | None:
         """This node's checkpoint of this run, if its node dir holds one (another run's is left alone)."""
@@ -216,7 +250,8 @@ class Node:
         replica = ParameterReplica(self.worker.model, before_write=self.worker.before_weights_change)
         if spec.outer == "noloco":
             self.outer = NoLoCoService(
-                run_id=spec.run_id, stage=stage, peer_id=self.peer_id, config=spec.averaging,
+                run_id=spec.run_id, stage=stage, peer_id=self.peer_id, board_subkey=self.signer.subkey,
+                config=spec.averaging,
                 codec=spec.compression.averaging, block_size=spec.compression.block_size,
                 transport=self.transport, dht=self.dht, lane=self.lane, replica=replica,
                 metrics=self.metrics, limits=DEFAULT_LIMITS, rng=random.Random(),
@@ -309,16 +344,47 @@ class Node:
 
     async def _publish_spec(self) -> None:
         assert self.dht is not None
-        await self.dht.store(spec_key(self.spec.run_id), self.spec_record, get_dht_time() + 600)
+        await self.dht.store(spec_key(self.spec.run_id), self.spec_record, get_dht_time() + 600,
+                             subkey=self.signer.subkey)
+
+    async def _read_revocations(self) -> None:
+        """A private run: take the seed's latest revocation list (only the seed's own signed entry counts)."""
+        if self.spec.access != "private":
+            return
+        if self.options.seed_spec is not None:
+            self.membership.revoked = self._revocation_file()
+            return
+        try:
+            record = await self.dht.get(revoked_key(self.spec.run_id), latest=True)
+        except Exception as e:
+            logger.debug("reading the revocation list failed: %s", e)
+            return
+        for subkey, item in (record.value.items() if record is not None and isinstance(record.value, dict) else ()):
+            if owner_peer_id(subkey) == self.membership.seed_id and (ids := decode_revocations(item.value)) is not None:
+                self.membership.revoked = ids
+        if self.token:
+            try:
+                check_token(self.token, self.membership.seed_public_der, self.spec.run_id, self.peer_id, None,
+                            self.membership.revoked)
+            except TokenError as e:
+                raise TokenError(f"{e}; this node may not take part any more") from None
+
+    def _revocation_file(self) -> frozenset[str]:
+        """The seed's node_dir/revoked.json (written by `swarmd token revoke`): the ids it revoked."""
+        return read_revocations(self.options.node_dir)
+
+    async def _publish_revocations(self) -> None:
+        ids = self._revocation_file()
+        self.membership.revoked = ids
+        await self.dht.store(revoked_key(self.spec.run_id), encode_revocations(sorted(ids)),
+                             get_dht_time() + REVOCATIONS_TTL_S, subkey=self.signer.subkey)
 
     async def _fetch_spec(self, options: NodeOptions) -> tuple[bytes, RunSpec]:
         """Ask the bootstrap peers for the signed spec; accept it only if the seed we trust signed it."""
         trusted = set(options.seed_ids)
         bootstrap = []
         for maddr in options.initial_peers:
-            peer = Multiaddr(maddr).get("p2p")
-            if peer is None:
-                raise SpecError(f"{maddr} has no /p2p/<peer id> part: swarmd cannot tell whom to trust")
+            peer = peer_id_of(maddr)
             trusted.add(peer)
             bootstrap.append(peer)
         if not bootstrap:
@@ -336,7 +402,8 @@ class Node:
                 raise
             except Exception as e:
                 errors.append(f"{peer}: {type(e).__name__}: {e}")
-        raise ConnectionError("could not fetch the run spec from any bootstrap peer: " + "; ".join(errors))
+        raise ConnectionError("could not fetch the run spec from any bootstrap peer (" + "; ".join(errors)
+                              + "): check that these are addresses of swarmd nodes")
 
     async def _on_spec(self, sender: str, message: Message) -> bytes:
         return encode_message("spec", {"record": self.spec_record})
@@ -363,7 +430,7 @@ class Node:
         """Serve (and train) until ``stop_event`` is set or a stop condition in the options is met."""
         self.write_ready_file()
         self._first_step = self.worker.inner_step if self.worker else 0
-        self._tasks = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._progress_loop())]
+        self._tasks.append(asyncio.create_task(self._progress_loop()))
         if self.options.seed_spec is not None:
             self._tasks.append(asyncio.create_task(self._republish_loop()))
         if self.options.duration_s > 0:
@@ -381,7 +448,8 @@ class Node:
         if self.stage == 0:
             self._stage_tasks.append(asyncio.create_task(self.pipeline.drive(self.stage_stop)))
         self._stage_tasks.append(asyncio.create_task(run_at_boundaries(
-            self._at_boundary, lambda: self.worker.inner_step, self.spec.averaging.inner_steps, self.stage_stop
+            self._at_boundary, lambda: self.worker.inner_step, self.spec.averaging.inner_steps, self.stage_stop,
+            pin=self.outer.pin_boundary if isinstance(self.outer, NoLoCoService) else None,
         )))
 
     async def _stop_stage_tasks(self) -> None:
@@ -420,22 +488,33 @@ class Node:
         self.stop_event.set()
 
     def _heartbeat(self, leaving: bool = False) -> Heartbeat:
+        """Our entry in the stage record: serving once the stage's services run, joining before."""
+        serving = self.pipeline is not None and self.state_ready
         return Heartbeat(
-            throughput=self.pipeline.meter.value, queue_depth=self.lane.depth, inner_step=self.worker.inner_step,
-            samples=self.worker.samples_processed, maddrs=tuple(self.maddrs), leaving=leaving,
+            throughput=self.pipeline.meter.value if serving else 0.0, queue_depth=self.lane.depth if serving else 0,
+            inner_step=self.worker.inner_step if serving else 0,
+            samples=self.worker.samples_processed if serving else 0, maddrs=tuple(self.maddrs),
+            leaving=leaving, joining=not serving and not leaving, token=self.token,
         )
 
     async def _heartbeat_loop(self) -> None:
+        """Announce ourselves (joining, then serving) every heartbeat_s, re-read the records, and in a private
+        run the seed's revocation list (a node whose own token was revoked stops)."""
         while True:
             try:
-                if self.stage is not None and self.pipeline is not None and self.pipeline.accepting:
-                    await announce(self.dht, self.spec.run_id, self.stage, self.peer_id, self._heartbeat(),
+                if self.stage is not None and (self.pipeline is None or self.pipeline.accepting):
+                    await announce(self.dht, self.spec.run_id, self.stage, self.signer.subkey, self._heartbeat(),
                                    ttl=3 * self.options.heartbeat_s)
+                await self._read_revocations()
                 await self.peers.refresh(self.dht, self.spec.run_id)
                 self.metrics.set_live_peers(self.peers.counts())
+            except TokenError as e:
+                print(f"stopping: {e}", flush=True)
+                self.stop_event.set()
+                return
             except Exception as e:  # the DHT can hiccup; the next beat tries again
                 logger.warning("heartbeat failed: %s: %s", type(e).__name__, e)
-            if self.worker is not None:
+            if self.worker is not None and self.lane is not None and self._first_step is not None:
                 self.metrics.queue_depth.set(self.lane.depth)
                 taken = self.worker.inner_step - self._first_step
                 if self.options.max_steps and taken >= self.options.max_steps:
@@ -449,7 +528,7 @@ class Node:
             return
         self.pipeline.accepting = False  # also keeps the heartbeat loop from announcing us again
         try:
-            await asyncio.wait_for(announce(self.dht, self.spec.run_id, self.stage, self.peer_id,
+            await asyncio.wait_for(announce(self.dht, self.spec.run_id, self.stage, self.signer.subkey,
                                             self._heartbeat(leaving=True), ttl=3 * self.options.heartbeat_s + 1),
                                    WITHDRAW_TIMEOUT_S)
         except Exception as e:
@@ -520,12 +599,24 @@ class Node:
         self.state_ready = False
 
     async def _republish_loop(self) -> None:
+        """The seed: the spec every 300 s; in a private run the revocation list at once when
+        `swarmd token revoke` changed it, and every 60 s anyway."""
+        last_spec = last_revocations = time.monotonic()
+        published: frozenset[str] | None = None
         while True:
-            await asyncio.sleep(300)
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
             try:
-                await self._publish_spec()
+                if now - last_spec >= 300:
+                    last_spec = now
+                    await self._publish_spec()
+                if self.spec.access == "private" and (published != self._revocation_file()
+                                                      or now - last_revocations >= 60):
+                    last_revocations = now
+                    published = self._revocation_file()
+                    await self._publish_revocations()
             except Exception as e:
-                logger.warning("republishing the spec failed: %s", e)
+                logger.warning("republishing the seed's records failed: %s: %s", type(e).__name__, e)
 
     async def _sweep_loop(self) -> None:
         while True:

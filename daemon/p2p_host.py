@@ -1,33 +1,157 @@
-"""Start a hivemind P2P (the node's p2pd) with its unix sockets in this process's temp folder.
+"""Start a hivemind P2P (the node's p2pd) with its unix sockets in this process's temp folder, check the
+multiaddrs it is given, and turn p2pd's start-up failures into errors that say what to check.
 
 hivemind names p2pd's control sockets ``/tmp/hivemind-*`` whatever TMPDIR says, and a p2pd killed with its
 node (SIGKILL, OOM, a pulled plug) leaves them there for good. Placing them under ``tempfile.gettempdir()``
 keeps the default (``/tmp``) for users and lets a test or a demo that gives its nodes a private TMPDIR remove
-everything its nodes leave.
+everything its nodes leave. Each P2P's sockets also carry a token of their own, so a P2P that failed to start
+(p2pd exits when no bootstrap peer answers, and hivemind then keeps its socket) removes exactly its own files.
 """
 
 from __future__ import annotations
 
+import asyncio
+import re
+import secrets
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from hivemind.p2p import P2P
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.utils.multiaddr import Multiaddr
+from hivemind.utils.multiaddr.exceptions import StringParseError
 
-# the longest socket name hivemind appends to the prefix ("p2pclient-" + 11-char token + ".sock") plus
-# "hivemind-"; a unix socket path must fit in 108 bytes
-_SOCKET_NAME_BYTES = 40
+_TOKEN_BYTES = 4  # token_hex: 8 characters
+# the longest socket name: "hivemind-" + token + "-" + "p2pclient-" + 11-char token + ".sock"; a unix socket
+# path must fit in 108 bytes
+_SOCKET_NAME_BYTES = 40 + 2 * _TOKEN_BYTES + 1
 _SUN_PATH_BYTES = 107
+PROBE_TIMEOUT_S = 3.0  # telling "nothing listens there" from "another peer listens there" after a failed start
+_GO_LOG_TIME = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d ")
+MADDR_FORM = "/ip4/<address>/tcp/<port>/p2p/<peer id>"
+
+
+class AddressError(ValueError):
+    """A multiaddr swarmd cannot use; the message says what is wrong and what to do."""
+
+
+class NetworkStartError(ConnectionError):
+    """p2pd could not start or reach any bootstrap peer; the message says what is wrong and what to check."""
+
+
+def peer_id_of(maddr: str) -> str:
+    """The peer id at the end of a peer's multiaddr (``/ip4/<address>/tcp/<port>/p2p/<peer id>``).
+
+    The id is required: a joiner trusts the spec that this peer signed, and p2pd refuses bootstrap
+    addresses without one. Raises AddressError when ``maddr`` does not parse or names no peer."""
+    parts = list(_parse(maddr).items())
+    if not parts or parts[-1][0].name != "p2p":
+        raise AddressError(f"{maddr} has no /p2p/<peer id> part, so swarmd cannot tell which peer to trust: "
+                           f"give the full address the seed printed, {MADDR_FORM}")
+    if len(parts) == 1:
+        raise AddressError(f"{maddr} says which peer but not where it listens: give its full address, {MADDR_FORM}")
+    return parts[-1][1]
+
+
+def check_peer_id(peer_id: str) -> str:
+    """``peer_id`` if it is a well-formed libp2p peer id (e.g. ``12D3KooW...`` or ``Qm...``); else AddressError."""
+    try:
+        Multiaddr(f"/p2p/{peer_id}")
+    except (StringParseError, ValueError):
+        raise AddressError(f"{peer_id!r} is not a peer id: copy it from the seed's output (12D3KooW... or Qm...)") from None
+    return peer_id
+
+
+def check_announce_maddr(maddr: str) -> str:
+    """``maddr`` if p2pd can announce it (it parses and names an explicit TCP port); else AddressError."""
+    parsed = _parse(maddr, form="/ip4/<public address>/tcp/<port>")
+    if "tcp" not in parsed or parsed.value_for_protocol("tcp") == "0":
+        raise AddressError(f"{maddr} has no explicit TCP port: announce the address and port peers reach this "
+                           "node at, e.g. /ip4/203.0.113.7/tcp/31337")
+    return maddr
+
+
+def _parse(maddr: str, form: str = MADDR_FORM) -> Multiaddr:
+    try:
+        return Multiaddr(maddr)
+    except StringParseError as e:
+        reason = f"{e.protocol}: {e.message}" if e.protocol else e.message
+        raise AddressError(f"{maddr!r} is not a valid multiaddr ({reason}): write it as {form}") from None
+    except ValueError as e:
+        raise AddressError(f"{maddr!r} is not a valid multiaddr ({e}): write it as {form}") from None
 
 
 def p2p_class(folder: str | None = None) -> type[P2P]:
-    """A P2P subclass whose sockets live in ``folder`` (default: the temp folder); plain P2P when the path
-    would be too long for a unix socket."""
-    folder = folder or tempfile.gettempdir()
+    """A P2P subclass whose sockets live in ``folder`` (default: the temp folder; ``/tmp`` when that path
+    would be too long for a unix socket) and carry a fresh token, so it can remove every socket it made."""
+    folder = (folder or tempfile.gettempdir()).rstrip("/")
     if len(folder.encode()) + 1 + _SOCKET_NAME_BYTES > _SUN_PATH_BYTES:
-        return P2P
-    return type("FolderSocketP2P", (P2P,), {"_UNIX_SOCKET_PREFIX": f"/unix{folder.rstrip('/')}/hivemind-"})
+        folder = "/tmp"
+    prefix = f"{folder}/hivemind-{secrets.token_hex(_TOKEN_BYTES)}-"
+    return type("FolderSocketP2P", (_OwnSocketsP2P,), {"_UNIX_SOCKET_PREFIX": f"/unix{prefix}", "created": None})
+
+
+class _OwnSocketsP2P(P2P):
+    """A P2P that removes all of its unix sockets when it shuts down, whichever way p2pd ended.
+
+    ``create()`` builds the object itself and drops it when start-up fails; ``created`` keeps a handle so
+    that ``create_p2p`` can stop that p2pd. Each subclass (one per ``p2p_class`` call) creates one P2P."""
+
+    created: P2P | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        type(self).created = self
+
+    async def shutdown(self) -> None:
+        await super().shutdown()
+        prefix = Path(self._UNIX_SOCKET_PREFIX.removeprefix("/unix"))
+        for path in prefix.parent.glob(f"{prefix.name}*.sock"):
+            path.unlink(missing_ok=True)
 
 
 async def create_p2p(**kwargs: Any) -> P2P:
-    """``P2P.create(**kwargs)`` with the sockets in the temp folder."""
-    return await p2p_class().create(**kwargs)
+    """``P2P.create(**kwargs)`` with the sockets in the temp folder. On any failure p2pd is stopped and its
+    sockets removed; a failure to start raises NetworkStartError saying what to check."""
+    cls = p2p_class()
+    try:
+        return await cls.create(**kwargs)
+    except BaseException as e:
+        if cls.created is not None:
+            await cls.created.shutdown()
+        if isinstance(e, P2PDaemonError):
+            raise NetworkStartError(await _start_failure(str(e), list(kwargs.get("initial_peers") or ()))) from None
+        raise
+
+
+async def _start_failure(error: str, initial_peers: list[str]) -> str:
+    """What went wrong when p2pd did not start, and what to do about it (one line)."""
+    reason = _GO_LOG_TIME.sub("", error.removeprefix("Daemon failed to start: ")).strip()
+    if initial_peers and ("bootstrap" in reason or "failed to start in" in reason):
+        listening = [m for m in initial_peers if await _tcp_listening(m)]
+        if listening:
+            where, _, peer = listening[0].rpartition("/p2p/")
+            return (f"something answers at {where} but not as peer {peer}: check the /p2p/ part "
+                    "(copy the whole join line the seed printed)")
+        return (f"could not reach {', '.join(initial_peers)}: check the address and port, that the node is "
+                "running, and that no firewall blocks it")
+    if "multiaddr" in reason:
+        return f"p2pd refused an address ({reason}): check --host, --port and --announce"
+    return f"could not start p2pd ({reason}): check --host, --port and --announce"
+
+
+async def _tcp_listening(maddr: str) -> bool:
+    """Whether something accepts TCP connections where ``maddr`` points (a node under another peer id may)."""
+    parsed = Multiaddr(maddr)
+    host = next((parsed.value_for_protocol(p) for p in ("ip4", "ip6", "dns", "dns4", "dns6") if p in parsed), None)
+    if host is None or "tcp" not in parsed:
+        return False
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, int(parsed.value_for_protocol("tcp"))), PROBE_TIMEOUT_S
+        )
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True

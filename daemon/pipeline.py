@@ -30,7 +30,7 @@ from swarmd.protocols.limits import Limits
 from swarmd.protocols.wire import Message, RemoteError, encode_message
 from swarmd.swarm.data import CorpusSampler
 from swarmd.swarm.routing import BanList, PeerInfo, choose_peer
-from swarmd.swarm.stage import StageWorker
+from swarmd.swarm.stage import StageWorker, check_magnitude
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,10 @@ class PipelineService:
             raise ProtocolError("busy", "this node is leaving its stage; send to another replica")
         if self.held_per_sender[sender] >= self.limits.max_inflight_per_peer:
             raise ProtocolError("busy", f"{self.limits.max_inflight_per_peer} microbatches of yours are in flight here")
+        if len(self.held) >= self.limits.max_held_microbatches:
+            raise ProtocolError("busy", f"{self.limits.max_held_microbatches} microbatches are held here")
         activations, targets = message.tensors
+        self._check_batch(activations)
         self._check_activations(activations, targets)
         deadline = time.monotonic() + min(fields["deadline_s"], self.spec.pipeline.microbatch_deadline_s)
         self._hold(mb_id, HeldMicrobatch(
@@ -141,6 +144,7 @@ class PipelineService:
         (grad,) = message.tensors
         if tuple(grad.shape) != held.output_shape or not grad.is_floating_point():
             raise ProtocolError("shape", f"gradient shape {tuple(grad.shape)} != output shape {held.output_shape}")
+        self._check_magnitude(grad, "gradients")
         held.downstream = None  # one gradient per microbatch: a replay is an unknown microbatch
         self._spawn(self._process_backward(mb_id, held, grad, float(fields["loss"])))
         return encode_message("ack", {"queue_depth": self.lane.depth})
@@ -154,6 +158,17 @@ class PipelineService:
             held.done.set_result(float(message.fields["loss"]))
         return encode_message("ack", {})
 
+    def _check_batch(self, activations: torch.Tensor) -> None:
+        """A forward carries at most the run's microbatch (with Limits.batch_margin) of at most seq_len tokens:
+        checked before any compute, as one oversize batch costs a volunteer gigabytes and seconds."""
+        p = self.spec.pipeline
+        max_batch = self.limits.max_batch(p.microbatch_size)
+        if activations.dim() >= 1 and activations.shape[0] > max_batch:
+            raise ProtocolError("oversize", f"a batch of {activations.shape[0]}; this run's microbatches hold at "
+                                            f"most {max_batch}")
+        if activations.dim() >= 2 and activations.shape[1] > p.seq_len:
+            raise ProtocolError("oversize", f"sequences of {activations.shape[1]} tokens; this run's hold {p.seq_len}")
+
     def _check_activations(self, activations: torch.Tensor, targets: torch.Tensor) -> None:
         try:
             self.worker.check_input(activations)
@@ -161,6 +176,13 @@ class PipelineService:
         except ValueError as e:
             reason = "dtype" if "dtype" in str(e) else "shape"
             raise ProtocolError(reason, str(e)) from None
+        self._check_magnitude(activations, "activations")
+
+    def _check_magnitude(self, tensor: torch.Tensor, what: str) -> None:
+        try:
+            check_magnitude(tensor, self.spec.pipeline.max_activation, what)
+        except ValueError as e:
+            raise ProtocolError("norm", str(e)) from None
 
     # ---- compute + forwarding ------------------------------------------------------------------
 
@@ -295,15 +317,27 @@ class PipelineService:
         encoded = await self.lane.run(lambda: encode_tensor(grad, codec, block_size=block))
         self._record_ratio("gradients", grad, encoded.payload)
         request = encode_message("backward", {"mb_id": mb_id, "stage": stage, "loss": loss}, [encoded])
-        try:
-            await self.transport.call(
-                upstream, rpc.BACKWARD, "backward", request,
-                timeout=self.spec.pipeline.hop_timeout_s, channel="gradients",
-            )
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            self._hop_failed(upstream, f"backward failed: {type(e).__name__}: {e}")
+        deadline = time.monotonic() + self.spec.pipeline.hop_timeout_s
+        while True:
+            try:
+                await self.transport.call(
+                    upstream, rpc.BACKWARD, "backward", request,
+                    timeout=max(deadline - time.monotonic(), 0.0), channel="gradients",
+                )
+                return
+            except asyncio.CancelledError:
+                raise
+            except RemoteError as e:
+                # "busy": the upstream peer is loaded (its request or stream limits), not broken, and it is the
+                # only one that holds this microbatch: try again until the hop's deadline
+                if e.reason == "busy" and time.monotonic() + BUSY_RETRY_S < deadline:
+                    await asyncio.sleep(BUSY_RETRY_S)
+                    continue
+                self._hop_failed(upstream, f"backward failed: {e}")
+                return
+            except Exception as e:
+                self._hop_failed(upstream, f"backward failed: {type(e).__name__}: {e}")
+                return
 
     def _with_outstanding(self, peers: list[PeerInfo]) -> list[PeerInfo]:
         """Add to each peer's announced queue the microbatches we have outstanding there right now:

@@ -1,15 +1,40 @@
-"""DHT records of a run: key names, the heartbeat record's schema, and its validation."""
+"""DHT records of a run: key names, owner-signed subkeys, the record schemas, and their validation.
+
+Every entry a node writes under the run's keys sits under a subkey that names its owner's public key
+(hivemind's ``[owner:ssh-rsa ...]`` marker) and carries the owner's signature (hivemind's
+RSASignatureValidator signs on store and checks on store and on every lookup answer). ``RunRecordValidator``
+adds the run's own rules: on the run's keys only owner-signed dictionary entries, of bounded size and
+lifetime, whose value parses. Readers take a peer's id from its entry's subkey, never from the value, so
+nobody can write, mark or withdraw another peer's entry.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.protocol import DHTProtocol
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import CompositeValidator, DHTRecord, RecordValidatorBase
+from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.timed_storage import get_dht_time
+from swarmd.daemon.identity import NodeIdentity, peer_id_from_public_key
 from swarmd.protocols.limits import DEFAULT_LIMITS
 from swarmd.swarm.routing import PeerInfo
+
+_OWNER_PREFIX, _OWNER_SUFFIX = b"[owner:", b"]"
+MAX_SUBKEY_BYTES = 1024  # an owner marker of a 4096-bit key is ~740 bytes
+# The longest lifetime a record of each kind may claim: an entry cannot outlive its owner by more.
+MAX_TTL_S = {"stage": 120.0, "ready": 600.0, "spec": 3600.0, "revoked": 3600.0}
 
 
 def spec_key(run_id: str) -> str:
@@ -18,6 +43,11 @@ def spec_key(run_id: str) -> str:
 
 def stage_key(run_id: str, stage: int) -> str:
     return f"swarmd/{run_id}/stage/{stage}"
+
+
+def revoked_key(run_id: str) -> str:
+    """The seed's revocation list of join tokens (private runs)."""
+    return f"swarmd/{run_id}/revoked"
 
 
 def ready_key(run_id: str, stage: int) -> str:
@@ -33,48 +63,87 @@ def encode_ready(outer_step: int, numel: int, paired: bool = False) -> bytes:
     return msgpack.packb(entry, use_bin_type=True)
 
 
+@functools.lru_cache(maxsize=4096)  # pure: a marker always names the same peer; parsing a key costs ~50 us
+def _owner_of(marker: bytes) -> str | None:
+    try:
+        key = serialization.load_ssh_public_key(marker[len(_OWNER_PREFIX):-len(_OWNER_SUFFIX)])
+    except (ValueError, UnsupportedAlgorithm):
+        return None
+    if not isinstance(key, rsa.RSAPublicKey):
+        return None
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return peer_id_from_public_key(der)
+
+
+def owner_peer_id(subkey: Any) -> str | None:
+    """The peer id whose public key an owner-marker subkey names; None for any other subkey."""
+    if not (isinstance(subkey, bytes) and len(subkey) <= MAX_SUBKEY_BYTES
+            and subkey.startswith(_OWNER_PREFIX) and subkey.endswith(_OWNER_SUFFIX)):
+        return None
+    return _owner_of(subkey)
+
+
 def _peer_entries(record: Any) -> Iterator[tuple[str, Any]]:
-    """(peer id, item) of every subkey of a hivemind dictionary record whose subkey is a sane peer id."""
+    """(owner's peer id, item) of every entry of a hivemind dictionary record with an owner-marker subkey."""
     if record is None or not isinstance(record.value, dict):
         return
     for subkey, item in record.value.items():
-        if isinstance(subkey, str) and len(subkey) <= 128:
-            yield subkey, item
+        if (peer_id := owner_peer_id(subkey)) is not None:
+            yield peer_id, item
+
+
+def decode_ready(value: Any) -> dict[str, Any] | None:
+    """A ready-board entry's fields ({"outer", "numel", "paired"}), or None for anything malformed."""
+    if not isinstance(value, bytes) or len(value) > 256:
+        return None
+    try:
+        raw = msgpack.unpackb(value, raw=False, max_map_len=4, max_str_len=64)
+    except (ValueError, TypeError, msgpack.ExtraData):
+        return None
+    if not isinstance(raw, dict) or not all(isinstance(raw.get(k), int) and raw[k] >= 0 for k in ("outer", "numel")):
+        return None
+    return {"outer": raw["outer"], "numel": raw["numel"], "paired": raw.get("paired") is True}
 
 
 def ready_peers(record: Any, numel: int) -> list[str]:
-    """Peer ids on a ready board record whose entry is well formed, of our parameter count and not paired yet."""
+    """Owners of the ready board's well-formed entries of our parameter count that are not paired yet."""
     peers = []
-    for subkey, item in _peer_entries(record):
-        value = item.value
-        if not isinstance(value, bytes) or len(value) > 256:
-            continue
-        try:
-            raw = msgpack.unpackb(value, raw=False, max_map_len=4, max_str_len=64)
-            ok = isinstance(raw, dict) and raw.get("numel") == numel and raw.get("paired") is not True
-        except (ValueError, TypeError, msgpack.ExtraData):
-            ok = False
-        if ok:
-            peers.append(subkey)
+    for peer_id, item in _peer_entries(record):
+        entry = decode_ready(item.value)
+        if entry is not None and entry["numel"] == numel and not entry["paired"]:
+            peers.append(peer_id)
     return peers
+
+
+MAX_TOKEN_BYTES = 2048  # a join token: a few fields and a 2048- or 4096-bit RSA signature
 
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """What a serving peer announces about itself under its stage's key (subkey: its peer id)."""
+    """What a peer announces about itself under its stage's key (subkey: its owner marker).
+
+    ``joining``: the peer is loading the stage's state and serves nothing yet (it is a member, not a route).
+    ``leaving``: a withdrawal: the peer left this stage (records cannot be deleted, only outlived).
+    ``token``: its join token, in a private run (every reader checks it).
+    """
 
     throughput: float  # samples/s its compute lane sustains
     queue_depth: int
     inner_step: int
     samples: int
     maddrs: tuple[str, ...]
-    leaving: bool = False  # a withdrawal: the peer left this stage (records cannot be deleted, only outlived)
+    leaving: bool = False
+    joining: bool = False
+    token: bytes = b""
 
     def encode(self) -> bytes:
         raw = {"tput": self.throughput, "queue": self.queue_depth, "step": self.inner_step,
                "samples": self.samples, "maddrs": list(self.maddrs)}
-        if self.leaving:
-            raw["leaving"] = True
+        for flag in ("leaving", "joining"):
+            if getattr(self, flag):
+                raw[flag] = True
+        if self.token:
+            raw["token"] = self.token
         return msgpack.packb(raw, use_bin_type=True)
 
 
@@ -83,28 +152,131 @@ def decode_heartbeat(value: Any) -> Heartbeat | None:
     if not isinstance(value, bytes) or len(value) > DEFAULT_LIMITS.max_record_bytes:
         return None
     try:
-        raw = msgpack.unpackb(value, raw=False, max_array_len=64, max_map_len=16, max_str_len=512)
+        raw = msgpack.unpackb(value, raw=False, max_array_len=64, max_map_len=16, max_str_len=512,
+                              max_bin_len=MAX_TOKEN_BYTES)
         tput, queue, step, samples = float(raw["tput"]), raw["queue"], raw["step"], raw["samples"]
-        maddrs, leaving = raw["maddrs"], raw.get("leaving", False)
+        maddrs, token = raw["maddrs"], raw.get("token", b"")
+        leaving, joining = raw.get("leaving", False), raw.get("joining", False)
     except (ValueError, TypeError, KeyError, msgpack.ExtraData):
         return None
     if not (math.isfinite(tput) and tput >= 0) or not all(isinstance(x, int) and x >= 0 for x in (queue, step, samples)):
         return None
-    if not isinstance(maddrs, list) or not all(isinstance(m, str) for m in maddrs) or not isinstance(leaving, bool):
+    if not isinstance(maddrs, list) or not all(isinstance(m, str) for m in maddrs):
         return None
-    return Heartbeat(tput, queue, step, samples, tuple(maddrs), leaving)
+    if not isinstance(leaving, bool) or not isinstance(joining, bool) or not isinstance(token, bytes):
+        return None
+    return Heartbeat(tput, queue, step, samples, tuple(maddrs), leaving, joining, token)
 
 
-def peers_from_record(stage: int, record: Any) -> list[tuple[PeerInfo, Heartbeat]]:
-    """All valid peers in a stage record (a hivemind dictionary value with subkeys), withdrawn ones left out."""
-    peers = []
-    for subkey, item in _peer_entries(record):
+@dataclass(frozen=True)
+class StageEntry:
+    """One validated entry of a stage record: its owner, its heartbeat and when it expires."""
+
+    peer_id: str
+    beat: Heartbeat
+    expires: float
+
+    def info(self, stage: int) -> PeerInfo:
+        b = self.beat
+        return PeerInfo(peer_id=self.peer_id, stage=stage, throughput=b.throughput, queue_depth=b.queue_depth,
+                        inner_step=b.inner_step, expires=self.expires)
+
+
+def stage_entries(record: Any) -> list[StageEntry]:
+    """Every well-formed, owner-signed entry of a stage record (joining and leaving ones included)."""
+    entries = []
+    for peer_id, item in _peer_entries(record):
         beat = decode_heartbeat(item.value)
-        if beat is None or beat.leaving:
-            continue
-        info = PeerInfo(
-            peer_id=subkey, stage=stage, throughput=beat.throughput, queue_depth=beat.queue_depth,
-            inner_step=beat.inner_step, expires=item.expiration_time,
-        )
-        peers.append((info, beat))
-    return peers
+        if beat is not None:
+            entries.append(StageEntry(peer_id, beat, item.expiration_time))
+    return entries
+
+
+def encode_revocations(token_ids: list[str]) -> bytes:
+    """The seed's revocation list: the ids of the join tokens it revoked."""
+    return msgpack.packb({"revoked": list(token_ids)}, use_bin_type=True)
+
+
+MAX_REVOCATIONS = 512
+
+
+def decode_revocations(value: Any) -> frozenset[str] | None:
+    """The token ids of a revocation list, or None for anything malformed or oversized."""
+    if not isinstance(value, bytes) or len(value) > DEFAULT_LIMITS.max_record_bytes:
+        return None
+    try:
+        raw = msgpack.unpackb(value, raw=False, max_array_len=MAX_REVOCATIONS, max_map_len=1, max_str_len=64)
+        ids = raw["revoked"]
+    except (ValueError, TypeError, KeyError, msgpack.ExtraData):
+        return None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        return None
+    return frozenset(ids)
+
+
+class RunRecordValidator(RecordValidatorBase):
+    """The run's rules for its DHT keys (other keys pass untouched): only dictionary entries under an owner
+    marker, of bounded size and lifetime, whose value parses as that key's record. Runs after hivemind's
+    RSASignatureValidator, which has checked the owner's signature and stripped it."""
+
+    def __init__(self, run_id: str, stages: int):
+        keys = {spec_key(run_id): "spec", revoked_key(run_id): "revoked"}
+        for s in range(stages):
+            keys[stage_key(run_id, s)] = "stage"
+            keys[ready_key(run_id, s)] = "ready"
+        self._kinds = {DHTID.generate(source=key).to_bytes(): kind for key, kind in keys.items()}
+
+    def validate(self, record: DHTRecord) -> bool:
+        kind = self._kinds.get(record.key)
+        if kind is None:
+            return True
+        if record.subkey == DHTProtocol.IS_REGULAR_VALUE or len(record.subkey) > MAX_SUBKEY_BYTES + 8:
+            return False
+        if len(record.value) > DEFAULT_LIMITS.max_record_bytes + 16:
+            return False
+        if record.expiration_time > get_dht_time() + MAX_TTL_S[kind]:
+            return False
+        try:
+            subkey, value = MSGPackSerializer.loads(record.subkey), MSGPackSerializer.loads(record.value)
+        except Exception:  # msgpack raises several types on garbage
+            return False
+        if owner_peer_id(subkey) is None or not isinstance(value, bytes):
+            return False
+        if kind == "stage":
+            return decode_heartbeat(value) is not None
+        if kind == "ready":
+            return decode_ready(value) is not None
+        if kind == "revoked":
+            return decode_revocations(value) is not None
+        return True  # the spec: its reader checks the seed's signature inside it
+
+    @property
+    def priority(self) -> int:
+        return 5  # after the signature validator (10), on the stripped value
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return False
+
+
+class _IdentityKey(RSAPrivateKey):
+    """hivemind's RSA key wrapper around the node's own libp2p key (its constructor would make a new key)."""
+
+    def __init__(self, private_key: rsa.RSAPrivateKey):  # not calling super().__init__: it generates a key
+        self._private_key = private_key
+
+
+@dataclass(frozen=True)
+class RecordSigner:
+    """What a node needs to write and read the run's records: its owner marker (the subkey of its entries)
+    and the DHT validator that signs its entries and checks everyone's."""
+
+    subkey: bytes
+    validator: CompositeValidator
+
+
+def record_signer(run_id: str, stages: int, identity: NodeIdentity | None) -> RecordSigner:
+    """The signer of ``identity`` (None: a reader that writes nothing, e.g. ``swarmd status``)."""
+    key = _IdentityKey(identity.private_key) if identity is not None else RSAPrivateKey()
+    signature = RSASignatureValidator(key)
+    validator = CompositeValidator([signature, RunRecordValidator(run_id, stages)])
+    return RecordSigner(subkey=signature.local_public_key, validator=validator)

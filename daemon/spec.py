@@ -33,6 +33,10 @@ class PipelineConfig:
     # Copies of older weights a stage keeps so that every backward runs on the weights its forward saw.
     # 0: an inner step waits until no microbatch forwarded on the current weights is still in flight.
     weight_stashes: int = 1
+    # Largest |x| a stage accepts in the activations and gradients it receives ("norm" beyond): a finite but
+    # absurd value (3e38) would overflow to Inf in the next matmul. Raise it for models whose hidden states
+    # run larger (some large LLMs show a few activations in the thousands).
+    max_activation: float = 1e4
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,18 @@ class AveragingConfig:
     pair_timeout_s: float = 10.0  # wait this long at a boundary for a partner, then step solo
     exchange_timeout_s: float = 60.0  # the whole swap of payloads with a partner
     chunk_elements: int = 1 << 20  # elements per exchanged chunk (per tensor)
-    max_norm_ratio: float = 10.0  # reject a partner whose phi or progress norm exceeds this x our phi's
+    # Robust outer steps (RESULTS.md, "poisoning": what honest replicas show, what each bound stops and what it
+    # lets through). A payload past a bound is rejected and its sender banned (swarmd.swarm.outer).
+    max_divergence: float = 1.0  # reject a partner whose phi is farther than this x ||our phi|| from ours
+    max_distance_ratio: float = 5.0  # ... or farther than this x our own progress norm ||theta - phi||
+    # Honest replicas' progress norms differ by several x in the daemon (a payload covers H inner steps give or
+    # take those its snapshot waits on the compute lane; early in training each step counts): only absurd
+    # progress is rejected, and what gets through is bounded by max_move.
+    max_progress_ratio: float = 8.0  # reject a partner whose theta - phi norm exceeds this x ours
+    max_move: float = 1.0  # clip the change of phi in one outer step to this x ||phi||
+    stall_timeout_s: float = 10.0  # a partner that sends no chunk of its payload for this long is banned
+    max_failures: int = 3  # exchanges with one partner failing in a row before it is banned
+    ban_outer_steps: int = 32  # a ban lasts this many of our outer steps, doubling for a repeat offender
 
 
 @dataclass(frozen=True)
@@ -125,6 +140,7 @@ class RunSpec:
     data: DataConfig = field(default_factory=DataConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     outer: str = "noloco"  # how replicas of a stage stay consistent: "noloco", "diloco" or "none"
+    access: str = "open"  # "open": anyone may join; "private": only holders of a join token the seed signed
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -139,6 +155,7 @@ class RunSpec:
         _check(2 <= p.seq_len <= self.model.max_seq_len, f"pipeline.seq_len must be in 2..{self.model.max_seq_len}")
         _check(1 <= p.max_inflight <= 64, "pipeline.max_inflight must be in 1..64")
         _check(0 <= p.weight_stashes <= 16, "pipeline.weight_stashes must be in 0..16")
+        _check(1.0 <= p.max_activation <= 1e30, "pipeline.max_activation must be in 1..1e30")
         _check(p.hop_timeout_s > 0 and p.microbatch_deadline_s > p.hop_timeout_s,
                "need 0 < pipeline.hop_timeout_s < pipeline.microbatch_deadline_s")
         _check(o.lr > 0 and o.weight_decay >= 0 and o.grad_clip > 0, "optimizer lr, grad_clip > 0; weight_decay >= 0")
@@ -150,6 +167,7 @@ class RunSpec:
             codec = getattr(self.compression, channel)
             _check(codec in CODECS, f"compression.{channel} = {codec!r}; known codecs: {', '.join(CODECS)}")
         a = self.averaging
+        _check(self.access in ("open", "private"), f"run.access = {self.access!r}; known: open, private")
         _check(self.outer in OUTER_METHODS, f"run.outer = {self.outer!r}; known: {', '.join(OUTER_METHODS)}")
         _check(1 <= a.inner_steps <= 1_000_000, "averaging.inner_steps must be in 1..1000000")
         _check(all(0 <= x <= 2 for x in (a.beta, a.gamma)) and 0 <= a.mu < 1,
@@ -159,7 +177,12 @@ class RunSpec:
         _check(1024 <= a.chunk_elements <= 1 << 24, "averaging.chunk_elements must be in 1024..16777216")
         _check(a.chunk_elements % self.compression.block_size == 0,
                "averaging.chunk_elements must be a multiple of compression.block_size")
-        _check(a.max_norm_ratio > 1, "averaging.max_norm_ratio must be > 1")
+        _check(min(a.max_divergence, a.max_distance_ratio, a.max_move) > 0,
+               "averaging: need max_divergence, max_distance_ratio and max_move > 0")
+        _check(a.max_progress_ratio > 1, "averaging.max_progress_ratio must be > 1")
+        _check(a.stall_timeout_s > 0, "averaging.stall_timeout_s must be > 0")
+        _check(1 <= a.max_failures <= 1000 and 1 <= a.ban_outer_steps <= 1_000_000,
+               "averaging: need max_failures in 1..1000 and ban_outer_steps in 1..1000000")
         e = self.evaluation
         _check(0 <= e.every_steps <= 1_000_000, "evaluation.every_steps must be in 0..1000000")
         _check(1 <= e.batches <= 1024, "evaluation.batches must be in 1..1024")
@@ -171,7 +194,7 @@ class RunSpec:
     def to_dict(self) -> dict[str, Any]:
         """The TOML-shaped dict (also what is signed and published)."""
         return {
-            "run": {"id": self.run_id, "seed": self.seed, "outer": self.outer},
+            "run": {"id": self.run_id, "seed": self.seed, "outer": self.outer, "access": self.access},
             "model": self.model.to_dict(),
             "pipeline": dataclasses.asdict(self.pipeline),
             "optimizer": dataclasses.asdict(self.optimizer),
@@ -195,7 +218,7 @@ class RunSpec:
         run = _table(raw, "run")
         if "id" not in run:
             raise SpecError("[run] needs an id")
-        _no_unknown("run", run, {"id", "seed", "outer"})
+        _no_unknown("run", run, {"id", "seed", "outer", "access"})
         try:
             model = ModelConfig.from_dict(_table(raw, "model"))
         except (TypeError, ValueError) as e:
@@ -208,6 +231,7 @@ class RunSpec:
                 run_id=str(run["id"]),
                 seed=int(run.get("seed", 0)),
                 outer=str(run.get("outer", "noloco")),
+                access=str(run.get("access", "open")),
                 model=model,
                 pipeline=_build(PipelineConfig, "pipeline", _table(raw, "pipeline")),
                 optimizer=_build(OptimizerConfig, "optimizer", _table(raw, "optimizer")),
@@ -279,6 +303,12 @@ def sign_spec(spec: RunSpec, identity: NodeIdentity) -> bytes:
     return msgpack.packb(
         {"spec": body, "public_key": identity.public_der, "signature": identity.sign(body)}, use_bin_type=True
     )
+
+
+def spec_signer_key(record: bytes) -> bytes:
+    """The public key (DER) in a spec record that ``verify_spec_record`` accepted: the seed's key, which also
+    signs the run's join tokens and revocation list."""
+    return msgpack.unpackb(record, raw=False, max_bin_len=1 << 20, max_str_len=1 << 16)["public_key"]
 
 
 def verify_spec_record(record: bytes, trusted_seed_ids: set[str] | None) -> tuple[RunSpec, str]:

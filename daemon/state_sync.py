@@ -12,7 +12,8 @@ so a multi-donor download is a per-chunk mix of its donors' snapshots: a state a
 they are to each other. Steps (inner and outer) are the lead donor's: the first, most advanced one.
 
 A donor holds at most one snapshot (shared by its sessions, dropped when the last one goes idle) and at most
-``max_uploads`` sessions; beyond that it answers ``busy`` and the joiner asks another replica.
+``max_uploads`` sessions (Limits.max_state_uploads); beyond that it answers ``busy`` and the joiner asks
+another replica.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from swarmd.daemon.transport import Transport
 from swarmd.protocols import rpc
 from swarmd.protocols.codecs import DTYPE_NAMES, DTYPES, encode_tensor
 from swarmd.protocols.errors import ProtocolError
+from swarmd.protocols.limits import DEFAULT_LIMITS
 from swarmd.protocols.wire import Message, RemoteError, encode_message
 from swarmd.swarm.routing import BanList
 from swarmd.swarm.state_layout import (
@@ -45,7 +47,6 @@ logger = logging.getLogger(__name__)
 MANIFEST_TIMEOUT_S = 60.0  # a donor's first manifest waits for its snapshot and digests
 CHUNK_TIMEOUT_S = 30.0  # one chunk: a donor that makes no progress this long loses its chunks to the others
 SESSION_IDLE_S = 30.0  # a donor forgets a session after this long without a chunk request
-MAX_UPLOADS = 2  # sessions a donor serves at once
 MAX_DONORS = 2  # replicas a joiner downloads from at once
 REQUESTS_IN_FLIGHT = 2  # chunk requests a joiner keeps open per donor, and the most a donor answers at once per session
 PROGRESS_EVERY_S = 5.0
@@ -94,8 +95,8 @@ class StateDonor:
     """Serves this node's stage state to joiners: a manifest, then chunks, from one shared snapshot."""
 
     def __init__(self, transport: Transport, stage: int, lane: ComputeLane, snapshot: SnapshotSource,
-                 metrics: NodeMetrics, max_uploads: int = MAX_UPLOADS, idle_s: float = SESSION_IDLE_S,
-                 chunk_bytes: int = CHUNK_BYTES):
+                 metrics: NodeMetrics, max_uploads: int = DEFAULT_LIMITS.max_state_uploads,
+                 idle_s: float = SESSION_IDLE_S, chunk_bytes: int = CHUNK_BYTES):
         self.transport, self.stage, self.lane, self.take_snapshot = transport, stage, lane, snapshot
         self.metrics, self.max_uploads, self.idle_s, self.chunk_bytes = metrics, max_uploads, idle_s, chunk_bytes
         self._served: _Served | None = None

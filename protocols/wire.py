@@ -210,26 +210,51 @@ async def write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
 
 
 class StreamEnded(ProtocolError):
-    """The stream closed before a whole frame arrived (for a caller: the peer went away)."""
+    """The stream closed before a whole frame arrived: the peer went away (it died, or dropped us). Not a
+    hostile message: a server counts it as dropped, not rejected, and a caller as a peer gone. It is a
+    "malformed" ProtocolError only for readers that do not tell the two apart."""
 
     def __init__(self, message: str):
         super().__init__("malformed", message)
 
 
-async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> bytes:
-    """Read one frame of at most ``max_bytes``.
+async def read_frame_length(reader: asyncio.StreamReader, max_bytes: int, idle_s: float | None = None) -> int:
+    """Read a frame's length prefix; a length over ``max_bytes`` is "oversize", before any of the body is read.
 
-    An announced length over ``max_bytes`` is "oversize", raised before any of the body is read;
-    a stream that ends inside the prefix or the body is "malformed".
+    With ``idle_s``, a prefix that has not arrived ``idle_s`` seconds from now is "stalled" (a stream opened
+    and left idle, or trickled, costs the node a file descriptor and p2pd a stream). A stream that ends
+    inside the prefix raises StreamEnded.
     """
     try:
-        prefix = await reader.readexactly(_FRAME_LEN.size)
+        prefix = await asyncio.wait_for(reader.readexactly(_FRAME_LEN.size), idle_s)
     except asyncio.IncompleteReadError as e:
         raise StreamEnded(f"stream ended after {len(e.partial)} bytes of a frame length") from None
+    except asyncio.TimeoutError:
+        raise ProtocolError("stalled", f"no frame length within {idle_s:g} s") from None
     (length,) = _FRAME_LEN.unpack(prefix)
     if length > max_bytes:
         raise ProtocolError("oversize", f"frame of {length} bytes exceeds {max_bytes}")
+    return length
+
+
+async def read_frame_body(reader: asyncio.StreamReader, length: int, deadline_s: float | None = None) -> bytes:
+    """Read the ``length`` bytes of a frame body, within ``deadline_s`` seconds ("stalled" past it).
+    A stream that ends inside the body raises StreamEnded."""
     try:
-        return await reader.readexactly(length)
+        return await asyncio.wait_for(reader.readexactly(length), deadline_s)
     except asyncio.IncompleteReadError as e:
         raise StreamEnded(f"stream ended after {len(e.partial)} of {length} frame bytes") from None
+    except asyncio.TimeoutError:
+        raise ProtocolError("stalled", f"{length}-byte frame not received within {deadline_s:g} s") from None
+
+
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int, limits: Limits | None = None) -> bytes:
+    """Read one frame of at most ``max_bytes``.
+
+    An announced length over ``max_bytes`` is "oversize", raised before any of the body is read;
+    a stream that ends inside the prefix or the body raises StreamEnded. With ``limits``,
+    the prefix must arrive within ``limits.idle_stream_s`` and the body within
+    ``limits.frame_deadline_s(length)``, else "stalled".
+    """
+    length = await read_frame_length(reader, max_bytes, None if limits is None else limits.idle_stream_s)
+    return await read_frame_body(reader, length, None if limits is None else limits.frame_deadline_s(length))

@@ -1,7 +1,8 @@
 """A replica's outer state (phi, delta) over its flat parameter vector, and the NoLoCo step on it.
 
 No communication here: the daemon (swarmd.daemon.outer) pairs replicas and moves payloads; these
-functions cut the payloads into chunks, check a partner's payload, and apply the update.
+functions cut the payloads into chunks, check a partner's payload, decide which partners to ban, and
+apply the update.
 
 Training goes on while a replica waits for a partner and exchanges payloads. The update is computed
 from the snapshot ``theta_snap`` taken at the outer boundary (that is what the partner received), and
@@ -13,11 +14,13 @@ rule ``theta <- phi_new``.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from swarmd.protocols.codecs import QUANT_CODECS, EncodedTensor, encode_tensor
+from swarmd.swarm.routing import BanList
 
 
 def flatten_parameters(params: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -74,6 +77,7 @@ class OuterState:
     phi: torch.Tensor
     delta: torch.Tensor
     outer_step: int = 0
+    move_scale: float = 1.0  # the factor the last outer step's move was scaled by (< 1: clipped by max_move)
     residual_phi: torch.Tensor | None = field(default=None, repr=False)
     residual_progress: torch.Tensor | None = field(default=None, repr=False)
 
@@ -136,25 +140,92 @@ def sum_of_squares(x: torch.Tensor) -> float:
     return total
 
 
-def squared_norms(phi: torch.Tensor, progress: torch.Tensor) -> tuple[float, float]:
-    """Sums of squares of a (chunk of a) payload, in float64."""
-    return sum_of_squares(phi), sum_of_squares(progress)
+def payload_sums(own_phi: torch.Tensor, phi: torch.Tensor, progress: torch.Tensor) -> tuple[float, float]:
+    """(||progress||^2, ||phi - own_phi||^2) of (a chunk of) a partner's payload, in float64. ``own_phi``
+    is our phi over the same elements. Summed over the chunks, they are what ``payload_problem`` judges."""
+    return sum_of_squares(progress), sum_of_squares(phi - own_phi)
 
 
 def payload_problem(
-    own_phi_norm: float, partner_phi_sq: float, partner_progress_sq: float, max_norm_ratio: float
+    own_phi_norm: float, own_progress_norm: float, partner_progress_sq: float, distance_sq: float, *,
+    max_divergence: float, max_distance_ratio: float, max_progress_ratio: float,
 ) -> str | None:
-    """Why a partner's whole payload must be rejected (norms over ``max_norm_ratio`` x ours), or None.
+    """Why a partner's whole payload must be rejected, or None to accept it.
 
-    Finiteness and shapes are checked per chunk on arrival; this catches finite but absurd payloads.
+    - Its phi must lie within ``max_divergence`` x ||our phi|| of ours (a norm bound alone lets phi' = -9 phi
+      through), and within ``max_distance_ratio`` x our own progress norm ||theta - phi||. Replicas drift apart
+      by what each learns on its own between pairings, so that is the scale of honest distances whatever H,
+      the learning rate or the point in training; a bound in ||phi|| alone must allow early training's large
+      steps, and later lets a partner whose phi drifts a little further each outer step drag its partners
+      along.
+    - Its progress theta - phi must be at most ``max_progress_ratio`` x ours.
+
+    Finiteness and shapes are checked per chunk on arrival; this catches finite but hostile payloads.
     """
-    bound = max_norm_ratio * max(own_phi_norm, 1e-12)
-    phi_norm, progress_norm = math.sqrt(partner_phi_sq), math.sqrt(partner_progress_sq)
-    if not phi_norm <= bound:
-        return f"partner phi norm {phi_norm:.3g} exceeds {max_norm_ratio:g}x ours ({own_phi_norm:.3g})"
-    if not progress_norm <= bound:
-        return f"partner progress norm {progress_norm:.3g} exceeds {max_norm_ratio:g}x our phi norm ({own_phi_norm:.3g})"
+    distance = math.sqrt(distance_sq)
+    divergence = distance / max(own_phi_norm, 1e-30)
+    if not divergence <= max_divergence:  # "not <=": a NaN is a rejection too
+        return f"partner phi is {divergence:.3g} x our phi's norm away from ours (limit {max_divergence:g})"
+    if not distance <= max_distance_ratio * own_progress_norm:
+        return (f"partner phi is {distance / max(own_progress_norm, 1e-30):.3g} x our progress norm away from "
+                f"ours (limit {max_distance_ratio:g})")
+    progress_norm = math.sqrt(partner_progress_sq)
+    if not progress_norm <= max_progress_ratio * own_progress_norm:
+        return (f"partner progress norm {progress_norm:.3g} exceeds {max_progress_ratio:g}x ours "
+                f"({own_progress_norm:.3g})")
     return None
+
+
+FAILURE_TABLE_SIZE = 64  # partners whose failed exchanges are remembered (the least recent is forgotten)
+BAN_MAX_FACTOR = 16  # a repeat offender's ban doubles up to this many times its first one
+
+
+class PartnerBans:
+    """The partners a replica will not pair with for a while, and the rule that puts them there.
+
+    Its clock is the replica's own outer step count: a ban takes ``ban_steps`` of our outer steps (that many
+    chances to pair), doubling for each repeat up to ``BAN_MAX_FACTOR`` x. Each exchange ends in one of
+    ``OUTCOMES``; ``settle`` applies the rule. The daemon (swarmd.daemon.outer) and bench/poisoning.py
+    both go through it.
+    """
+
+    OUTCOMES = ("paired", "rejected", "stalled", "failed")
+
+    def __init__(self, ban_steps: int, max_failures: int):
+        if ban_steps < 1 or max_failures < 1:
+            raise ValueError("ban_steps and max_failures must be >= 1")
+        longest = ban_steps * BAN_MAX_FACTOR  # a peer is forgotten this long after its last ban ended
+        self.bans = BanList(base_s=ban_steps, max_s=longest, forget_s=longest)
+        self.max_failures = max_failures
+        self._failures: OrderedDict[str, int] = OrderedDict()  # consecutive failed exchanges, most recent last
+
+    def is_banned(self, peer: str, now: int) -> bool:
+        return self.bans.is_banned(peer, now)
+
+    def settle(self, peer: str, outcome: str, now: int) -> tuple[str, bool]:
+        """Record how an exchange with ``peer`` ended at our outer step ``now``. Returns the outer step's
+        result ("paired", "rejected" or "failed") and whether ``peer`` is now banned.
+
+        - "paired": nothing held against it any more, but a past ban's backoff stays (no laundering
+          bans with one good step in between);
+        - "rejected" (its payload failed ``payload_problem`` or the per-chunk checks) and "stalled"
+          (it paired, then sent nothing for the stall timeout): banned at once; a stall's step "failed";
+        - "failed" (it went away, refused our payload, timed out): banned at the ``max_failures``-th
+          failure in a row. One failure alone is not held against it: a peer that died is not hostile.
+        """
+        if outcome not in self.OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}")
+        failures = self._failures.pop(peer, 0)
+        if outcome == "paired":
+            return "paired", False
+        ban = outcome in ("rejected", "stalled") or failures + 1 >= self.max_failures
+        if ban:
+            self.bans.ban(peer, now)
+        else:
+            self._failures[peer] = failures + 1
+            if len(self._failures) > FAILURE_TABLE_SIZE:
+                self._failures.popitem(last=False)
+        return ("rejected" if outcome == "rejected" else "failed"), ban
 
 
 PIECE = 1 << 18  # elements per piece of the outer step: every op of a piece runs while it is in cache
@@ -195,6 +266,7 @@ def outer_step_(
     beta: float,
     gamma: float,
     mu: float,
+    max_move: float = math.inf,
 ) -> torch.Tensor:
     """Apply one NoLoCo outer step to ``state`` (paired, or solo without partner tensors), in place.
 
@@ -204,6 +276,10 @@ def outer_step_(
     chunks (as they arrived). ``theta_snap``, ``theta_now`` and the partner tensors are consumed as
     scratch space. Returns the new flat weights ``phi_new + (theta_now - theta_snap)`` (in ``theta_now``'s
     buffer).
+
+    The move of phi (the new delta) is clipped to ``max_move`` x ||phi||: whatever a partner's payload
+    got past ``payload_problem``, one outer step cannot carry phi far. The factor applied is kept in
+    ``state.move_scale`` (1: not clipped); the clipped delta is the momentum carried on.
     """
     if (partner_phi is None) != (partner_progress is None):
         raise ValueError("give both partner_phi and partner_progress, or neither")
@@ -218,26 +294,29 @@ def outer_step_(
         if any(c.data_ptr() in taken for chunks in partner for c in chunks):
             raise ValueError("outer_step_ works in place: the partner tensors must be their own buffers")
     snap, now = theta_snap.view(-1), theta_now.view(-1)
+    # Pass 1: the new delta, and the norms that decide the clip (the whole move must be known first).
+    phi_sq = move_sq = 0.0
     for start, end, (p_phi, p_progress) in _spans(numel, *(partner or (None, None))):
         ph, de = phi[start:end], delta[start:end]
-        drift = now[start:end].sub_(snap[start:end])  # inner progress made since the snapshot
+        now[start:end].sub_(snap[start:end])  # inner progress made since the snapshot (the drift)
         mean_progress = snap[start:end].sub_(ph)  # our theta - phi ...
         if p_progress is not None:
             mean_progress.add_(p_progress).mul_(0.5)  # ... averaged over the pair
         de.mul_(mu).add_(mean_progress, alpha=beta)
         if p_phi is not None:
             de.add_(p_phi.sub_(ph).mul_(0.5), alpha=gamma)  # gamma * (mean_pair(phi) - phi)
+        phi_sq += sum_of_squares(ph)
+        move_sq += sum_of_squares(de)
+    move = math.sqrt(move_sq)
+    bound = max_move * math.sqrt(phi_sq) if math.isfinite(max_move) else math.inf
+    scale = bound / move if move > bound else 1.0
+    # Pass 2: phi <- phi + scale * delta, and the weights phi_new + drift.
+    for start in range(0, numel, PIECE):
+        ph, de = phi[start : start + PIECE], delta[start : start + PIECE]
+        if scale != 1.0:
+            de.mul_(scale)
         ph.add_(de)
-        drift.add_(ph)
+        now[start : start + PIECE].add_(ph)
     state.outer_step += 1
+    state.move_scale = scale
     return theta_now
-
-
-def divergence(phi: torch.Tensor, partner_phi: Chunks) -> float:
-    """Relative distance ||phi - phi_partner|| / ||phi|| of two replicas' outer weights (the partner's
-    flat or in consecutive chunks), without a model-sized temporary."""
-    chunks = _as_chunks(phi.numel(), partner_phi, "partner_phi")
-    flat, diff_sq = phi.view(-1), 0.0
-    for start, end, (piece,) in _spans(phi.numel(), chunks):
-        diff_sq += sum_of_squares(flat[start:end] - piece)
-    return math.sqrt(diff_sq) / max(math.sqrt(sum_of_squares(phi)), 1e-12)

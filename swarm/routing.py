@@ -14,6 +14,7 @@ from dataclasses import dataclass
 MIN_THROUGHPUT = 0.01  # samples/s floor: a fresh peer with no measurement yet still gets some traffic
 BAN_BASE_S = 1.0
 BAN_MAX_S = 60.0
+BAN_FORGET_S = 600.0  # a peer whose last ban ended this long ago is forgotten: its next ban starts at base_s
 
 
 @dataclass(frozen=True)
@@ -35,23 +36,46 @@ def routing_weight(peer: PeerInfo, floor: float = MIN_THROUGHPUT) -> float:
 
 
 class BanList:
-    """Temporary bans with exponential backoff: base, 2·base, 4·base, ... up to ``max_s`` per consecutive failure."""
+    """Temporary bans with exponential backoff: base, 2·base, 4·base, ... up to ``max_s`` per consecutive failure.
 
-    def __init__(self, base_s: float = BAN_BASE_S, max_s: float = BAN_MAX_S):
+    A peer is remembered until ``forget_s`` after its last ban ended, so the table holds only peers banned in
+    the last ``max_s + forget_s`` seconds or so, however many ids a node sees over days.
+    """
+
+    def __init__(self, base_s: float = BAN_BASE_S, max_s: float = BAN_MAX_S, forget_s: float = BAN_FORGET_S):
         if not 0 < base_s <= max_s:
             raise ValueError(f"need 0 < base_s <= max_s, got base_s={base_s}, max_s={max_s}")
+        if not forget_s > 0:
+            raise ValueError(f"need forget_s > 0, got {forget_s}")
         self.base_s = base_s
         self.max_s = max_s
+        self.forget_s = forget_s
         self._failures: dict[str, int] = {}  # consecutive failures, kept after a ban ends so the next one doubles
         self._until: dict[str, float] = {}
+        self._next_prune = -math.inf
+
+    def __len__(self) -> int:
+        """Peers remembered (banned now, or recently)."""
+        return len(self._until)
 
     def ban(self, peer_id: str, now: float) -> float:
         """Record a failure of ``peer_id`` and ban it from ``now``; returns the ban duration in seconds."""
+        self._prune(now)
         failures = self._failures.get(peer_id, 0) + 1
         self._failures[peer_id] = failures
         duration = min(self.base_s * 2.0 ** min(failures - 1, 64), self.max_s)  # min(..., 64): no float overflow
         self._until[peer_id] = now + duration
         return duration
+
+    def _prune(self, now: float) -> None:
+        """Forget peers whose ban ended over ``forget_s`` ago (a sweep at most every ``forget_s / 2``: bans are
+        the only way in, so the table stays bounded by the bans of the last few ``forget_s``)."""
+        if now < self._next_prune:
+            return
+        self._next_prune = now + self.forget_s / 2
+        for peer_id in [p for p, until in self._until.items() if until + self.forget_s < now]:
+            del self._until[peer_id]
+            self._failures.pop(peer_id, None)
 
     def is_banned(self, peer_id: str, now: float) -> bool:
         """True while ``peer_id``'s current ban lasts."""

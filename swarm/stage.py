@@ -55,6 +55,20 @@ def check_input(spec: InputSpec, inputs: Any) -> None:
         raise ValueError("hidden states contain NaN or Inf")
 
 
+def check_magnitude(tensor: torch.Tensor, max_abs: float, what: str) -> None:
+    """Raise ValueError unless every |x| of the float tensor ``tensor`` is at most ``max_abs``.
+
+    A finite but absurd value (3e38) passes every finiteness check and only overflows to Inf a matmul later,
+    on this stage or the next: refuse it at the door instead.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    low, high = torch.aminmax(tensor)  # no |x| copy of a large tensor
+    largest = max(-float(low), float(high))
+    if not largest <= max_abs:  # "not <=": NaN is refused too
+        raise ValueError(f"{what} hold |x| = {largest:.3g}, over the bound of {max_abs:g}")
+
+
 def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay matrices and embeddings (dim >= 2), not norm scales (nanoGPT's rule)."""
     params = [p for p in model.parameters() if p.requires_grad]

@@ -3,17 +3,22 @@
 usage: python tests/adversary_node.py MODE <swarmd join arguments...>
 
 MODE is one of
-  nan   every outer payload chunk it sends carries a NaN block scale (a corrupt or hostile payload)
-  huge  its outer payload is phi and theta - phi scaled by 1e6 (finite but absurd)
-  hang  once it received the first chunk of a partner's payload it writes ``<node dir>/hung`` and
-        freezes (the test then kills it with SIGKILL: a partner dying mid-exchange)
+  nan    every outer payload chunk it sends carries a NaN block scale (a corrupt or hostile payload)
+  flip   its outer payload's phi is -9 x its phi (finite, a norm only 9x ours, but far from any honest phi)
+  stall  it pairs, then never sends its payload (it still takes the partner's)
+  propose  at its outer boundaries it never posts itself on the ready board, but reads it and proposes to
+         everyone on it, over and over until its pairing deadline (a member trying to take pairing over)
+  hang   once it received the first chunk of a partner's payload it writes ``<node dir>/hung`` and
+         freezes (the test then kills it with SIGKILL: a partner dying mid-exchange)
 
 Everything else (pipeline, DHT, heartbeats) is the real swarmd, run through its real CLI.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
+import os
 import struct
 import sys
 import time
@@ -22,7 +27,9 @@ from pathlib import Path
 import swarmd.daemon.outer as outer
 import swarmd.swarm.outer as payloads  # encode_payload: what a replica sends in an outer step
 from swarmd.daemon import cli
+from swarmd.protocols import rpc
 from swarmd.protocols.codecs import encode_tensor
+from swarmd.protocols.wire import encode_message
 
 
 def _node_dir(args: list[str]) -> Path:
@@ -38,8 +45,35 @@ def main() -> int:
             return encoded
 
         payloads.encode_tensor = encode_with_nan_scale
-    elif mode == "huge":
-        payloads.encode_tensor = lambda tensor, codec="none", **kw: encode_tensor(tensor * 1e6, codec, **kw)
+    elif mode == "flip":
+        encode = outer.encode_payload
+
+        def encode_flipped(state, theta, bounds, codec, block_size):
+            chunks = encode(state, theta, bounds, codec, block_size)
+            return [(encode_tensor(-9.0 * state.phi[start:end], codec, block_size=block_size), progress)
+                    for (start, end), (_, progress) in zip(bounds, chunks)]
+
+        outer.encode_payload = encode_flipped
+    elif mode == "stall":
+        async def send_nothing(self, ex, partner, session):
+            await asyncio.Event().wait()  # until the exchange gives up on us
+
+        outer.NoLoCoService._send_payload = send_nothing
+    elif mode == "propose":
+        async def propose_from_off_the_board(self):
+            deadline = time.monotonic() + self.config.pair_timeout_s
+            while time.monotonic() < deadline:
+                for peer in await self._read_board():
+                    request = encode_message("pair_request", {"session": os.urandom(16), "stage": self.stage,
+                                                              "numel": self.state.numel})
+                    try:
+                        await self.transport.call(peer, rpc.PAIR, "pair", request, timeout=5.0, channel="averaging")
+                    except Exception:  # noqa: BLE001  (refused: try again)
+                        pass
+                await asyncio.sleep(0.1)
+            return "solo"
+
+        outer.NoLoCoService.outer_step = propose_from_off_the_board
     elif mode == "hang":
         store, marker = outer._Exchange.store, _node_dir(args) / "hung"
 

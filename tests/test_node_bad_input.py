@@ -16,8 +16,8 @@ import msgpack
 import pytest
 import torch
 from hivemind.p2p import P2P, PeerID
+from hostile_member import member
 from swarm_harness import swarm, write_spec
-from swarmd.daemon.p2p_host import create_p2p
 from swarmd.protocols import rpc
 from swarmd.protocols.codecs import encode_tensor
 from swarmd.protocols.wire import decode_reply, encode_message, read_frame, write_frame
@@ -56,9 +56,12 @@ async def exchange(p2p: P2P, peer: str, name: str, data: bytes, announce: int | 
     return "ok"
 
 
-async def attack(maddr: str, peer: str) -> dict[str, str]:
-    p2p = await create_p2p(initial_peers=[maddr], host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                           nat_port_map=False, auto_nat=False, use_relay=False)
+async def attack(maddr: str, peer: str, identity_dir: Path) -> dict[str, str]:
+    async with member(maddr, "test", 2, 0, identity_dir) as p2p:  # a member: its requests get past the door
+        return await _attack(p2p, peer)
+
+
+async def _attack(p2p: P2P, peer: str) -> dict[str, str]:
     me = p2p.peer_id.to_base58()
     good = torch.randn(8, 32, 64)
     acts = encode_tensor(good, "none")
@@ -67,45 +70,42 @@ async def attack(maddr: str, peer: str) -> dict[str, str]:
     nan[0, 0, 0] = float("nan")
     nan_payload = nan.numpy().tobytes()
     results = {}
-    try:
-        # a plausible header length, then bytes msgpack never uses (0xc1)
-        results["garbage"] = await exchange(p2p, peer, rpc.FORWARD, struct.pack(">I", 16) + b"\xc1" * 16)
-        results["version"] = await exchange(p2p, peer, rpc.FORWARD, raw_message(
-            {**forward_header(acts.meta, targets.meta, [len(acts.payload), len(targets.payload)], [me]), "v": 99},
-            [acts.payload, targets.payload]))
-        results["nonfinite"] = await exchange(p2p, peer, rpc.FORWARD, raw_message(
-            forward_header(acts.meta, targets.meta, [len(nan_payload), len(targets.payload)], [me]),
-            [nan_payload, targets.payload]))
-        wrong_shape = encode_tensor(torch.randn(8, 32, 65), "none")
-        results["shape"] = await exchange(p2p, peer, rpc.FORWARD, encode_message(
-            "forward", {"mb_id": MB_ID, "stage": 1, "route": [me], "deadline_s": 10.0}, [wrong_shape, targets]))
-        wrong_dtype = encode_tensor(torch.randn(8, 32, 64, dtype=torch.float16), "none")
-        results["dtype"] = await exchange(p2p, peer, rpc.FORWARD, encode_message(
-            "forward", {"mb_id": MB_ID, "stage": 1, "route": [me], "deadline_s": 10.0}, [wrong_dtype, targets]))
-        results["wrong_stage"] = await exchange(p2p, peer, rpc.FORWARD, encode_message(
-            "forward", {"mb_id": MB_ID, "stage": 0, "route": [me], "deadline_s": 10.0}, [acts, targets]))
-        results["unknown_peer"] = await exchange(p2p, peer, rpc.FORWARD, encode_message(
-            "forward", {"mb_id": MB_ID, "stage": 1, "route": ["someone-else"], "deadline_s": 10.0}, [acts, targets]))
-        results["unknown_microbatch"] = await exchange(p2p, peer, rpc.BACKWARD, encode_message(
-            "backward", {"mb_id": MB_ID, "stage": 1, "loss": 1.0}, [acts]))
-        # an evaluation loss for a microbatch the node never sent (ids are secrets of their driver)
-        results["eval_unknown"] = await exchange(p2p, peer, rpc.EVAL_RESULT, encode_message(
-            "eval_result", {"mb_id": MB_ID, "loss": 1.0}))
-        results["eval_nan"] = await exchange(p2p, peer, rpc.EVAL_RESULT, raw_message(
-            {"v": 1, "kind": "eval_result", "tensors": [], "sizes": [], "fields": {"mb_id": MB_ID, "loss": float("nan")}}))
-        results["oversize"] = await exchange(p2p, peer, rpc.FORWARD, b"", announce=1 << 40)
-        results["codec"] = await exchange(p2p, peer, rpc.FORWARD, raw_message(
-            forward_header({**acts.meta, "codec": "zip"}, targets.meta, [len(acts.payload), len(targets.payload)],
-                           [me]), [acts.payload, targets.payload]))
-        # after all that, a well-formed request is still served
-        reply = await p2p.call_binary_stream_handler(PeerID.from_base58(peer), rpc.INFO)
-        _, reader, writer = reply
-        await write_frame(writer, encode_message("info_request", {}))
-        info = decode_reply(await read_frame(reader, 1 << 20), expected_kinds=("info",))
-        writer.close()
-        results["info_after"] = f"{info.fields['run_id']}:{info.fields['stage']}"
-    finally:
-        await p2p.shutdown()
+    # a plausible header length, then bytes msgpack never uses (0xc1)
+    results["garbage"] = await exchange(p2p, peer, rpc.FORWARD, struct.pack(">I", 16) + b"\xc1" * 16)
+    results["version"] = await exchange(p2p, peer, rpc.FORWARD, raw_message(
+        {**forward_header(acts.meta, targets.meta, [len(acts.payload), len(targets.payload)], [me]), "v": 99},
+        [acts.payload, targets.payload]))
+    results["nonfinite"] = await exchange(p2p, peer, rpc.FORWARD, raw_message(
+        forward_header(acts.meta, targets.meta, [len(nan_payload), len(targets.payload)], [me]),
+        [nan_payload, targets.payload]))
+    wrong_shape = encode_tensor(torch.randn(8, 32, 65), "none")
+    results["shape"] = await exchange(p2p, peer, rpc.FORWARD, encode_message(
+        "forward", {"mb_id": MB_ID, "stage": 1, "route": [me], "deadline_s": 10.0}, [wrong_shape, targets]))
+    wrong_dtype = encode_tensor(torch.randn(8, 32, 64, dtype=torch.float16), "none")
+    results["dtype"] = await exchange(p2p, peer, rpc.FORWARD, encode_message(
+        "forward", {"mb_id": MB_ID, "stage": 1, "route": [me], "deadline_s": 10.0}, [wrong_dtype, targets]))
+    results["wrong_stage"] = await exchange(p2p, peer, rpc.FORWARD, encode_message(
+        "forward", {"mb_id": MB_ID, "stage": 0, "route": [me], "deadline_s": 10.0}, [acts, targets]))
+    results["unknown_peer"] = await exchange(p2p, peer, rpc.FORWARD, encode_message(
+        "forward", {"mb_id": MB_ID, "stage": 1, "route": ["someone-else"], "deadline_s": 10.0}, [acts, targets]))
+    results["unknown_microbatch"] = await exchange(p2p, peer, rpc.BACKWARD, encode_message(
+        "backward", {"mb_id": MB_ID, "stage": 1, "loss": 1.0}, [acts]))
+    # an evaluation loss for a microbatch the node never sent (ids are secrets of their driver)
+    results["eval_unknown"] = await exchange(p2p, peer, rpc.EVAL_RESULT, encode_message(
+        "eval_result", {"mb_id": MB_ID, "loss": 1.0}))
+    results["eval_nan"] = await exchange(p2p, peer, rpc.EVAL_RESULT, raw_message(
+        {"v": 1, "kind": "eval_result", "tensors": [], "sizes": [], "fields": {"mb_id": MB_ID, "loss": float("nan")}}))
+    results["oversize"] = await exchange(p2p, peer, rpc.FORWARD, b"", announce=1 << 40)
+    results["codec"] = await exchange(p2p, peer, rpc.FORWARD, raw_message(
+        forward_header({**acts.meta, "codec": "zip"}, targets.meta, [len(acts.payload), len(targets.payload)],
+                       [me]), [acts.payload, targets.payload]))
+    # after all that, a well-formed request is still served
+    reply = await p2p.call_binary_stream_handler(PeerID.from_base58(peer), rpc.INFO)
+    _, reader, writer = reply
+    await write_frame(writer, encode_message("info_request", {}))
+    info = decode_reply(await read_frame(reader, 1 << 20), expected_kinds=("info",))
+    writer.close()
+    results["info_after"] = f"{info.fields['run_id']}:{info.fields['stage']}"
     return results
 
 
@@ -114,7 +114,7 @@ def test_bad_input_is_rejected_counted_and_survived(tmp_path: Path, swarm_env: d
     with swarm(tmp_path, swarm_env) as s:
         s.start_seed(spec, "--stage", "1")  # a seed that serves stage 1: it accepts forward hops
         peer = s.ready["seed"]["peer_id"]
-        results = asyncio.run(attack(s.seed_addr, peer))
+        results = asyncio.run(attack(s.seed_addr, peer, tmp_path / "attacker"))
         expected = {
             "garbage": "malformed", "version": "version", "nonfinite": "nonfinite", "shape": "shape",
             "dtype": "dtype", "wrong_stage": "wrong_stage", "unknown_peer": "unknown_peer",

@@ -117,9 +117,10 @@ def test_partner_killed_mid_exchange(tmp_path: Path, swarm_env: dict[str, str]) 
         assert s.child("v1").process.poll() is None
 
 
-@pytest.mark.parametrize("mode, reason", [("nan", "nonfinite"), ("huge", "norm")])
+@pytest.mark.parametrize("mode, reason", [("nan", "nonfinite"), ("flip", "norm")])
 def test_bad_payload_is_rejected(tmp_path: Path, swarm_env: dict[str, str], mode: str, reason: str) -> None:
-    """A partner sending NaN or 1e6x-norm payloads: rejected and counted; the victim's weights stay finite."""
+    """A partner sending NaN or phi' = -9 phi (under a 10x norm bound, but far from the victim's phi): rejected,
+    counted and banned; the victim's weights stay finite."""
     spec = write_spec(tmp_path / "run.toml", outer="noloco", inner_steps=10, chunk_elements=16384)
     with swarm(tmp_path, swarm_env) as s:
         s.start_seed(spec, "--no-train")
@@ -128,11 +129,48 @@ def test_bad_payload_is_rejected(tmp_path: Path, swarm_env: dict[str, str], mode
         m = s.metrics("v1")
         assert m[f'swarmd_rejected_messages_total{{reason="{reason}"}}'] >= 1, m
         assert _outer(m, "paired") == 0
+        assert "banned it" in s.output("v1"), s.output("v1")
         stop_children(s.children)
         assert s.child("v1").process.returncode == 0, s.output("v1")
     victim = _checkpoint(tmp_path / "v1" / "checkpoint.pt")
     assert torch.isfinite(victim["phi"]).all() and torch.isfinite(_flat_weights(victim)).all()
     assert float(victim["phi"].abs().max()) < 100, "the adversary's payload leaked into the victim's weights"
+
+
+def test_pair_requests_from_off_the_ready_board_are_refused(tmp_path: Path, swarm_env: dict[str, str]) -> None:
+    """A member of stage 1 that never posts itself on the ready board but reads it and proposes to everyone on
+    it, over and over: refused as "unknown_peer"; the honest replicas of the stage keep pairing with each other
+    and never take it as a partner."""
+    spec = write_spec(tmp_path / "run.toml", outer="noloco", inner_steps=10, chunk_elements=16384)
+    with swarm(tmp_path, swarm_env) as s:
+        s.start_seed(spec, "--no-train")
+        s.join_all({**{n: ["--stage", str(i % 2)] for i, n in enumerate(NAMES)}, "x": ["--stage", "1"]},
+                   launchers={"x": (*ADVERSARY, "propose")})
+        for n in ("v1", "v3"):
+            wait_for(lambda: _outer(s.metrics(n), "paired") >= 3, 180, f"{n}'s paired outer steps")
+        refused = sum(s.metrics(n)['swarmd_rejected_messages_total{reason="unknown_peer"}'] for n in ("v1", "v3"))
+        assert refused >= 1
+        outsider = s.ready["x"]["peer_id"][-8:]
+        for n in ("v1", "v3"):
+            assert outsider not in s.output(n), s.output(n)  # no exchange with it ever started (nor failed)
+        stop_children(s.children)
+
+
+def test_partner_that_stalls_is_banned(tmp_path: Path, swarm_env: dict[str, str]) -> None:
+    """A partner that pairs and then sends nothing: after the stall timeout the victim steps solo ("failed"),
+    counts it as "stalled" and bans it (no more outer steps with it while the ban lasts), and keeps training."""
+    spec = write_spec(tmp_path / "run.toml", outer="noloco", inner_steps=10, chunk_elements=16384)
+    with swarm(tmp_path, swarm_env) as s:
+        s.start_seed(spec, "--no-train")
+        s.join_all({n: ["--stage", str(i % 2)] for i, n in enumerate(NAMES)}, launchers={"v3": (*ADVERSARY, "stall")})
+        # the step is counted once applied, a moment after the stall is
+        m = wait_for(lambda: (m := s.metrics("v1"))['swarmd_rejected_messages_total{reason="stalled"}'] >= 1
+                     and _outer(m, "failed") >= 1 and m, 120, "v1 to give up on the stalling partner")
+        assert _outer(m, "paired") == 0, m
+        assert "stalled" in s.output("v1") and "banned it" in s.output("v1"), s.output("v1")
+        steps = m["swarmd_inner_steps_total"]
+        wait_for(lambda: s.metrics("v1")["swarmd_inner_steps_total"] > steps + 10, 60, "v1 to keep training")
+        stop_children(s.children)
 
 
 if __name__ == "__main__":

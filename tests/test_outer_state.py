@@ -1,4 +1,5 @@
-"""A replica's outer state: flat parameter vectors, chunking, payload checks and the NoLoCo step with carry-over."""
+"""A replica's outer state: flat parameter vectors, chunking, payload checks, the ban rule and the NoLoCo
+step with carry-over and its clip."""
 
 from __future__ import annotations
 
@@ -11,16 +12,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from swarmd.swarm.noloco import noloco_update
 from swarmd.swarm.outer import (
+    BAN_MAX_FACTOR,
+    FAILURE_TABLE_SIZE,
     PIECE,
     OuterState,
     ParameterReplica,
+    PartnerBans,
     assign_flat_,
     chunk_bounds,
-    divergence,
     flatten_parameters,
     outer_step_,
     payload_problem,
-    squared_norms,
+    payload_sums,
 )
 
 COEFFS = {"beta": 0.7, "gamma": 0.7, "mu": 0.5}
@@ -151,52 +154,141 @@ def test_start_takes_a_float32_copy():
     assert torch.equal(state.phi, torch.ones(4))  # not a view of the model's vector
 
 
-def test_squared_norms_hand_example():
-    assert squared_norms(torch.tensor([3.0, 4.0]), torch.tensor([1.0, -2.0, 2.0])) == (25.0, 9.0)
+def test_payload_sums_hand_example():
+    own = torch.tensor([1.0, 1.0, 1.0])
+    assert payload_sums(own, torch.tensor([4.0, 5.0, 1.0]), torch.tensor([1.0, -2.0, 2.0])) == (9.0, 25.0)
     # float64 sums: no float32 overflow for large values
-    phi_sq, _ = squared_norms(torch.full((4,), 1e30), torch.zeros(1))
-    assert phi_sq == pytest.approx(4e60)
+    _, distance_sq = payload_sums(torch.zeros(4), torch.full((4,), 1e30), torch.zeros(4))
+    assert distance_sq == pytest.approx(4e60)
 
 
-def test_chunked_squared_norms_add_up():
-    phi, progress = _rand(1000, 1), _rand(1000, 2)
-    parts = [squared_norms(phi[s:e], progress[s:e]) for s, e in chunk_bounds(1000, 77)]
-    whole = squared_norms(phi, progress)
+def test_chunked_payload_sums_add_up():
+    own, phi, progress = _rand(1000, 0), _rand(1000, 1), _rand(1000, 2)
+    parts = [payload_sums(own[s:e], phi[s:e], progress[s:e]) for s, e in chunk_bounds(1000, 77)]
+    whole = payload_sums(own, phi, progress)
     assert sum(p for p, _ in parts) == pytest.approx(whole[0], rel=1e-12)
-    assert sum(q for _, q in parts) == pytest.approx(whole[1], rel=1e-12)
+    assert sum(d for _, d in parts) == pytest.approx(whole[1], rel=1e-12)
 
 
-def test_payload_problem_accepts_normal_payloads():
-    phi, partner_phi = _rand(500, 3), _rand(500, 4)
-    progress = 0.01 * _rand(500, 5)
-    own = float(torch.linalg.vector_norm(phi.double()))
-    assert payload_problem(own, *squared_norms(partner_phi, progress), max_norm_ratio=10.0) is None
-    assert payload_problem(own, 0.0, 0.0, max_norm_ratio=10.0) is None
-    # right at the bound is still fine
-    assert payload_problem(2.0, 400.0, 400.0, max_norm_ratio=10.0) is None
+BOUNDS = {"max_divergence": 1.0, "max_distance_ratio": 5.0, "max_progress_ratio": 2.0}
 
 
-def test_payload_problem_rejects_huge_phi():
-    phi = _rand(500, 3)
-    own = float(torch.linalg.vector_norm(phi.double()))
-    why = payload_problem(own, *squared_norms(phi * 1e6, torch.zeros(500)), max_norm_ratio=10.0)
-    assert isinstance(why, str) and "phi" in why
+def _problem(own_phi: torch.Tensor, own_progress: torch.Tensor, phi: torch.Tensor, progress: torch.Tensor) -> str | None:
+    """payload_problem on tensors, as the daemon sums them."""
+    return payload_problem(float(own_phi.double().norm()), float(own_progress.double().norm()),
+                           *payload_sums(own_phi, phi, progress), **BOUNDS)
 
 
-def test_payload_problem_rejects_huge_progress():
-    why = payload_problem(2.0, 4.0, (2.0 * 10.0 * 1.01) ** 2, max_norm_ratio=10.0)
+def test_payload_problem_accepts_an_honest_partner():
+    """A partner that trained apart from us: its phi a few of our progress norms away, its progress like ours."""
+    phi, progress = _rand(500, 3), 0.1 * _rand(500, 5)
+    partner_phi = phi + 0.3 * _rand(500, 4)  # 3 x our progress norm away (0.3 x ||phi||)
+    assert _problem(phi, progress, partner_phi, 0.1 * _rand(500, 6)) is None
+    assert _problem(phi, progress, phi.clone(), torch.zeros(500)) is None
+    # right at the bounds is still fine
+    assert payload_problem(10.0, 2.0, 4.0**2, 10.0**2, **BOUNDS) is None
+
+
+@pytest.mark.parametrize("scale", [-9.0, -1.0, 0.0, 2.0, 1e6])
+def test_payload_problem_rejects_a_partner_far_from_our_phi(scale: float):
+    """phi' = -9 phi passed the old 10x norm bound; phi' = 0 or 2 phi would pull ours far in one step."""
+    phi, progress = _rand(500, 3), 0.1 * _rand(500, 5)
+    why = _problem(phi, progress, scale * phi, progress.clone())
+    assert isinstance(why, str) and "away" in why
+
+
+def test_payload_problem_bounds_the_distance_in_our_progress_norms_and_in_our_phi_norm():
+    """Whichever bound is the tighter rules: our progress norm 1, ||phi|| 10 (the first bound, 5) or 4 (the
+    second, 4)."""
+    assert payload_problem(10.0, 1.0, 1.0, 4.99**2, **BOUNDS) is None
+    assert "progress norm away" in payload_problem(10.0, 1.0, 1.0, 5.01**2, **BOUNDS)
+    assert payload_problem(4.0, 1.0, 1.0, 3.99**2, **BOUNDS) is None
+    assert "phi's norm away" in payload_problem(4.0, 1.0, 1.0, 4.01**2, **BOUNDS)
+
+
+def test_payload_problem_rejects_progress_over_the_ratio_of_ours():
+    phi, progress = _rand(500, 3), 0.1 * _rand(500, 5)
+    assert _problem(phi, progress, phi.clone(), 1.9 * progress) is None
+    why = _problem(phi, progress, phi.clone(), 2.01 * progress)
     assert isinstance(why, str) and "progress" in why
 
 
-@pytest.mark.parametrize("phi_sq,progress_sq", [(math.inf, 1.0), (1.0, math.inf), (math.nan, 1.0), (1.0, math.nan)])
-def test_payload_problem_rejects_nonfinite_norms(phi_sq: float, progress_sq: float):
-    assert payload_problem(1.0, phi_sq, progress_sq, max_norm_ratio=10.0) is not None
+@pytest.mark.parametrize("progress_sq,distance_sq", [(math.inf, 0.0), (0.0, math.inf), (math.nan, 0.0), (0.0, math.nan)])
+def test_payload_problem_rejects_nonfinite_sums(progress_sq: float, distance_sq: float):
+    assert payload_problem(1.0, 1.0, progress_sq, distance_sq, **BOUNDS) is not None
 
 
-def test_payload_problem_with_zero_own_norm():
-    """A replica at phi = 0 still accepts zeros and rejects anything sizeable."""
-    assert payload_problem(0.0, 0.0, 0.0, max_norm_ratio=10.0) is None
-    assert payload_problem(0.0, 1.0, 0.0, max_norm_ratio=10.0) is not None
+def test_payload_problem_with_no_progress_of_our_own():
+    """A replica that made no progress has no yardstick: it accepts only a payload identical to its own."""
+    assert payload_problem(1.0, 0.0, 0.0, 0.0, **BOUNDS) is None
+    assert payload_problem(1.0, 0.0, 0.0, 1e-6, **BOUNDS) is not None
+    assert payload_problem(1.0, 0.0, 1e-6, 0.0, **BOUNDS) is not None
+    assert payload_problem(0.0, 0.0, 0.0, 0.0, **BOUNDS) is None  # phi = 0 too
+
+
+# ---------------------------------------------------------------- the ban rule
+
+
+def test_a_rejected_payload_bans_its_sender_at_once_for_ban_steps_outer_steps():
+    bans = PartnerBans(ban_steps=4, max_failures=3)
+    assert bans.settle("p", "rejected", now=10) == ("rejected", True)
+    assert all(bans.is_banned("p", now) for now in range(10, 14)) and not bans.is_banned("p", 14)
+    assert not bans.is_banned("q", 10)
+
+
+def test_a_stall_bans_but_the_step_counts_as_failed():
+    bans = PartnerBans(ban_steps=4, max_failures=3)
+    assert bans.settle("p", "stalled", now=0) == ("failed", True)
+    assert bans.is_banned("p", 3)
+
+
+def test_failures_ban_only_when_repeated_in_a_row():
+    """A partner that went away once (it died) is not banned; max_failures failures in a row are."""
+    bans = PartnerBans(ban_steps=4, max_failures=3)
+    assert bans.settle("p", "failed", 0) == ("failed", False)
+    assert bans.settle("p", "failed", 1) == ("failed", False)
+    assert bans.settle("p", "paired", 2) == ("paired", False)  # a good exchange clears the count
+    assert bans.settle("p", "failed", 3) == ("failed", False)
+    assert bans.settle("p", "failed", 4) == ("failed", False)
+    assert not bans.is_banned("p", 4)
+    assert bans.settle("p", "failed", 5) == ("failed", True)
+    assert bans.is_banned("p", 6)
+    assert bans.settle("p", "failed", 9) == ("failed", False)  # the count starts over after a ban
+
+
+def test_a_repeat_offender_is_banned_longer_up_to_the_max_factor():
+    bans = PartnerBans(ban_steps=2, max_failures=3)
+    now, lengths = 0, []
+    for _ in range(8):  # rejected again as soon as each ban ends
+        bans.settle("p", "rejected", now)
+        end = now
+        while bans.is_banned("p", end):
+            end += 1
+        lengths.append(end - now)
+        now = end
+    assert lengths[:4] == [2, 4, 8, 16]
+    assert max(lengths) == 2 * BAN_MAX_FACTOR
+    bans.settle("p", "paired", now)  # one good step does not launder the record
+    bans.settle("p", "rejected", now)
+    assert bans.is_banned("p", now + 2 * BAN_MAX_FACTOR - 1)
+
+
+def test_the_failure_table_is_bounded():
+    bans = PartnerBans(ban_steps=1, max_failures=2)
+    for i in range(FAILURE_TABLE_SIZE + 10):
+        bans.settle(f"p{i}", "failed", 0)
+    assert len(bans._failures) == FAILURE_TABLE_SIZE
+    assert bans.settle("p0", "failed", 0) == ("failed", False)  # forgotten: its first failure again
+    assert bans.settle(f"p{FAILURE_TABLE_SIZE + 9}", "failed", 0) == ("failed", True)  # remembered
+
+
+def test_settle_refuses_unknown_outcomes_and_bad_settings():
+    with pytest.raises(ValueError):
+        PartnerBans(ban_steps=4, max_failures=3).settle("p", "solo", 0)
+    with pytest.raises(ValueError):
+        PartnerBans(ban_steps=0, max_failures=3)
+    with pytest.raises(ValueError):
+        PartnerBans(ban_steps=1, max_failures=0)
 
 
 # ---------------------------------------------------------------- the outer step
@@ -287,16 +379,7 @@ def test_two_replicas_paired_from_the_same_payloads_move_together():
     outer_step_(a, theta_a.clone(), theta_a.clone(), pb.clone(), prog_b.clone(), beta=1.0, gamma=1.0, mu=0.0)
     outer_step_(b, theta_b.clone(), theta_b.clone(), pa.clone(), prog_a.clone(), beta=1.0, gamma=1.0, mu=0.0)
     assert torch.allclose(a.phi, b.phi, atol=1e-6)
-    assert divergence(a.phi, b.phi) < 1e-6 < divergence(pa, pb)
-
-
-def test_divergence_hand_example():
-    phi = torch.tensor([3.0, 4.0])
-    assert divergence(phi, torch.tensor([3.0, 0.0])) == pytest.approx(0.8)
-    assert divergence(phi, torch.zeros(2)) == pytest.approx(1.0)
-    assert divergence(phi, phi.clone()) == 0.0
-    assert divergence(torch.zeros(2), torch.zeros(2)) == 0.0
-    assert math.isfinite(divergence(torch.zeros(2), torch.ones(2)))  # no division by zero
+    assert not torch.allclose(pa, pb, atol=1e-2)
 
 
 def test_outer_step_on_chunked_partner_equals_flat_across_pieces():
@@ -330,10 +413,35 @@ def test_outer_step_refuses_badly_chunked_partners():
     assert state.outer_step == 3  # refused before touching anything
 
 
-def test_divergence_of_chunks_equals_flat():
-    g = torch.Generator().manual_seed(13)
-    phi, other = torch.randn(PIECE + 3, generator=g), torch.randn(PIECE + 3, generator=g)
-    flat = divergence(phi, other)
-    assert math.isclose(divergence(phi, [other[:5], other[5:PIECE], other[PIECE:]]), flat, rel_tol=1e-12)
-    want = float((phi.double() - other.double()).norm() / phi.double().norm())
-    assert math.isclose(flat, want, rel_tol=1e-9)
+@pytest.mark.parametrize("n", [257, PIECE + 12_345])
+def test_outer_step_clips_the_move_of_phi(n: int):
+    """A move over max_move x ||phi|| is scaled down to it, in the same direction; the clipped delta is the
+    momentum carried on, and the weights are the clipped phi plus the inner progress since the snapshot."""
+    state, theta_snap, partner_phi, partner_progress = _setup(n=n, seed=14)
+    hostile_phi = partner_phi - 9 * state.phi
+    drift = 0.01 * _rand(n, 15)
+    free = OuterState(phi=state.phi.clone(), delta=state.delta.clone())
+    outer_step_(free, theta_snap.clone(), theta_snap.clone(), hostile_phi.clone(), partner_progress.clone(), **COEFFS)
+    free_move = free.phi - state.phi
+    assert free_move.norm() > 0.5 * state.phi.norm()
+    old_phi = state.phi.clone()
+    new_theta = outer_step_(state, theta_snap.clone(), theta_snap + drift, hostile_phi, partner_progress,
+                            **COEFFS, max_move=0.5)
+    move = state.phi - old_phi
+    assert float(move.norm()) == pytest.approx(0.5 * float(old_phi.norm()), rel=1e-5)
+    assert torch.allclose(move, free_move * state.move_scale, atol=1e-5)
+    assert state.move_scale == pytest.approx(float(0.5 * old_phi.norm() / free_move.norm()), rel=1e-5)
+    assert torch.allclose(state.delta, move, atol=1e-6)
+    assert torch.allclose(new_theta, state.phi + drift, atol=1e-5)
+
+
+def test_outer_step_under_the_clip_is_unchanged():
+    results = []
+    for max_move in (math.inf, 10.0):
+        state, theta_snap, partner_phi, partner_progress = _setup(seed=16)
+        new_theta = outer_step_(state, theta_snap, theta_snap + 0.01, partner_phi, partner_progress, **COEFFS,
+                                max_move=max_move)
+        assert state.move_scale == 1.0
+        results.append((new_theta, state.phi, state.delta))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

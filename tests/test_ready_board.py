@@ -1,4 +1,5 @@
-"""The stage's ready board in the DHT: its key, its entries, and parsing a board full of other peers' bytes."""
+"""The stage's ready board in the DHT: its key, its entries, and parsing a board full of other peers' bytes.
+Entries sit under their owner's marker (a public key); a reader gets the owner's peer id from it."""
 
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ from types import SimpleNamespace
 import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from records_keys import marker, peer
 from swarmd.daemon.records import encode_ready, ready_key, ready_peers, stage_key
 
 NUMEL = 1234
 
 
 def board(entries: dict) -> SimpleNamespace:
-    """A stand-in for hivemind's dictionary record: .value maps subkey -> item with .value and .expiration_time."""
-    return SimpleNamespace(value={k: SimpleNamespace(value=v, expiration_time=1e12) for k, v in entries.items()})
+    """A stand-in for hivemind's dictionary record: .value maps subkey -> item with .value and .expiration_time.
+    A str subkey stands for that peer's owner marker; other subkeys are used as they are."""
+    return SimpleNamespace(value={marker(k) if isinstance(k, str) else k: SimpleNamespace(value=v, expiration_time=1e12)
+                                  for k, v in entries.items()})
 
 
 def test_ready_key():
@@ -31,12 +35,12 @@ def test_encode_ready_is_small_msgpack():
 
 def test_ready_peers_lists_well_formed_entries():
     record = board({"peerA": encode_ready(0, NUMEL), "peerB": encode_ready(5, NUMEL)})
-    assert sorted(ready_peers(record, NUMEL)) == ["peerA", "peerB"]
+    assert sorted(ready_peers(record, NUMEL)) == sorted([peer("peerA"), peer("peerB")])
 
 
 def test_ready_peers_skips_paired_replicas():
     record = board({"waiting": encode_ready(3, NUMEL), "taken": encode_ready(3, NUMEL, paired=True)})
-    assert ready_peers(record, NUMEL) == ["waiting"]
+    assert ready_peers(record, NUMEL) == [peer("waiting")]
 
 
 def test_ready_peers_empty_boards():
@@ -48,7 +52,7 @@ def test_ready_peers_empty_boards():
 
 def test_ready_peers_skips_other_parameter_counts():
     record = board({"same": encode_ready(1, NUMEL), "other": encode_ready(1, NUMEL + 1), "zero": encode_ready(1, 0)})
-    assert ready_peers(record, NUMEL) == ["same"]
+    assert ready_peers(record, NUMEL) == [peer("same")]
 
 
 def test_ready_peers_skips_malformed_and_oversized_entries():
@@ -68,30 +72,31 @@ def test_ready_peers_skips_malformed_and_oversized_entries():
         "long-str": msgpack.packb({"numel": NUMEL, "x": "y" * 65}),  # over max_str_len
         "oversized": msgpack.packb({"numel": NUMEL, "pad": b"\0" * 300}),  # over 256 bytes
         "int-key-map": msgpack.packb({1: 2, "numel": NUMEL}),
-        "p" * 129: good,  # subkey too long
-        7: good,  # subkey not a str
-        b"bytes-subkey": good,
+        "peer-id-as-subkey": good,  # replaced below by a bare peer id: unsigned, no owner
     }
-    assert ready_peers(board(entries), NUMEL) == ["ok"]
-
-
-def test_ready_peers_accepts_the_longest_subkey():
-    assert ready_peers(board({"p" * 128: encode_ready(0, NUMEL)}), NUMEL) == ["p" * 128]
+    record = board(entries)
+    record.value[peer("peer-id-as-subkey")] = record.value.pop(marker("peer-id-as-subkey"))
+    record.value.update({
+        7: record.value[marker("ok")],  # subkey not bytes
+        b"[owner:ssh-rsa AAAA]": record.value[marker("ok")],  # a marker naming no key
+        b"[owner:" + b"A" * 2000 + b"]": record.value[marker("ok")],  # too long
+    })
+    assert ready_peers(record, NUMEL) == [peer("ok")]
 
 
 def test_ready_peers_ignores_the_outer_step():
     """Replicas at different outer steps may pair: only the parameter count must match."""
     record = board({"a": encode_ready(0, NUMEL), "b": encode_ready(99, NUMEL)})
-    assert sorted(ready_peers(record, NUMEL)) == ["a", "b"]
+    assert sorted(ready_peers(record, NUMEL)) == sorted([peer("a"), peer("b")])
 
 
-@given(entries=st.dictionaries(st.text(max_size=10) | st.integers() | st.binary(max_size=4),
+@given(entries=st.dictionaries(st.integers() | st.binary(max_size=40),  # raw subkeys: none is an owner marker
                                st.binary(max_size=300) | st.none() | st.integers() | st.text(max_size=5),
                                max_size=8))
 @settings(max_examples=60, deadline=None)
 def test_ready_peers_never_raises_on_garbage(entries):
     entries["good"] = encode_ready(3, NUMEL)
-    assert "good" in ready_peers(board(entries), NUMEL)
+    assert peer("good") in ready_peers(board(entries), NUMEL)
 
 
 @given(value=st.binary(min_size=1, max_size=64))
@@ -100,4 +105,4 @@ def test_ready_peers_on_mutated_entries(value):
     good = encode_ready(3, NUMEL)
     spliced = good[: len(good) // 2] + value
     peers = ready_peers(board({"x": value, "y": spliced}), NUMEL)
-    assert set(peers) <= {"x", "y"}
+    assert set(peers) <= {peer("x"), peer("y")}
