@@ -259,7 +259,8 @@ async def peer_noloco_async(args, commands) -> None:
         overrides = {k: v for k, v in cmd.get("averaging", {}).items() if v is not None}
         config = dataclasses.replace(spec.averaging, **overrides)
         codec = cmd.get("codec") or spec.compression.averaging
-        replica = FlatReplica(_make_tensor(numel, seed=1000 * args.index + numel % 997))
+        # replicas of one stage: the same weights (a partner's phi far from ours is rejected), then their own progress
+        replica = FlatReplica(_make_tensor(numel, seed=numel % 997))
         service = NoLoCoService(
             run_id=f"bench{cmd['tag']}", stage=0, peer_id=peer_id, board_subkey=signer.subkey, config=config,
             codec=codec,

@@ -154,6 +154,10 @@ class Transport:
                     await _linger(reader)
             except (ConnectionError, asyncio.IncompleteReadError) as e:
                 logger.debug("%s stream from %s broke: %s", label, peer_id[-8:], e)
+            except asyncio.CancelledError:
+                # Our P2P shuts down and cancels the stream's task. Nothing awaits that task, and Python 3.11's
+                # stream callback calls task.exception() on it and logs the CancelledError as a traceback.
+                pass
             except Exception:  # a handler bug must not take the node down
                 logger.exception("%s handler failed on a request from %s", label, peer_id[-8:])
             finally:
