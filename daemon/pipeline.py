@@ -35,6 +35,9 @@ from swarmd.swarm.stage import StageWorker, check_magnitude
 logger = logging.getLogger(__name__)
 
 BUSY_RETRY_S = 0.02  # pause before retrying when every next-stage peer answered "busy"
+# "unauthorized" from a live member: it has not read our heartbeat yet (it re-reads the records at most once a
+# second), so retry after a pause, and never ban it for that
+UNAUTHORIZED_RETRY_S = 0.5
 NO_PEER_RETRY_S = 0.25  # pause while the next stage has no live peer
 
 
@@ -277,6 +280,7 @@ class PipelineService:
         self._record_ratio("activations", output, encoded.payload)
         next_stage = self.stage + 1
         tried: set[str] = set()
+        unknown_to_them = False  # a peer of this round refused us as a non-member (our heartbeat is new to it)
         while (left := deadline - time.monotonic()) > 0:
             fields = {"mb_id": mb_id, "stage": next_stage, "route": route, "deadline_s": left}
             if held.evaluation:
@@ -287,7 +291,9 @@ class PipelineService:
             if peer is None:
                 all_busy = bool(tried) and all(p.peer_id in tried for p in candidates)
                 tried.clear()
-                await asyncio.sleep(BUSY_RETRY_S if all_busy else NO_PEER_RETRY_S)
+                await asyncio.sleep(UNAUTHORIZED_RETRY_S if unknown_to_them else BUSY_RETRY_S if all_busy
+                                    else NO_PEER_RETRY_S)
+                unknown_to_them = False
                 continue
             tried.add(peer.peer_id)
             held.downstream = peer.peer_id
@@ -300,7 +306,8 @@ class PipelineService:
                 return peer.peer_id
             except RemoteError as e:
                 held.downstream = None
-                if e.reason == "busy":
+                if e.reason in ("busy", "unauthorized"):
+                    unknown_to_them |= e.reason == "unauthorized"
                     continue
                 self._hop_failed(peer.peer_id, f"rejected our forward: {e}")
             except asyncio.CancelledError:
@@ -330,8 +337,9 @@ class PipelineService:
             except RemoteError as e:
                 # "busy": the upstream peer is loaded (its request or stream limits), not broken, and it is the
                 # only one that holds this microbatch: try again until the hop's deadline
-                if e.reason == "busy" and time.monotonic() + BUSY_RETRY_S < deadline:
-                    await asyncio.sleep(BUSY_RETRY_S)
+                pause = {"busy": BUSY_RETRY_S, "unauthorized": UNAUTHORIZED_RETRY_S}.get(e.reason)
+                if pause is not None and time.monotonic() + pause < deadline:
+                    await asyncio.sleep(pause)
                     continue
                 self._hop_failed(upstream, f"backward failed: {e}")
                 return
