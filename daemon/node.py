@@ -352,7 +352,7 @@ class Node:
         if self.spec.access != "private":
             return
         if self.options.seed_spec is not None:
-            self.membership.revoked = self._revocation_file()
+            self.membership.revoked = read_revocations(self.options.node_dir)
             return
         try:
             record = await self.dht.get(revoked_key(self.spec.run_id), latest=True)
@@ -369,12 +369,8 @@ class Node:
             except TokenError as e:
                 raise TokenError(f"{e}; this node may not take part any more") from None
 
-    def _revocation_file(self) -> frozenset[str]:
-        """The seed's node_dir/revoked.json (written by `swarmd token revoke`): the ids it revoked."""
-        return read_revocations(self.options.node_dir)
-
     async def _publish_revocations(self) -> None:
-        ids = self._revocation_file()
+        ids = read_revocations(self.options.node_dir)
         self.membership.revoked = ids
         await self.dht.store(revoked_key(self.spec.run_id), encode_revocations(sorted(ids)),
                              get_dht_time() + REVOCATIONS_TTL_S, subkey=self.signer.subkey)
@@ -610,10 +606,9 @@ class Node:
                 if now - last_spec >= 300:
                     last_spec = now
                     await self._publish_spec()
-                if self.spec.access == "private" and (published != self._revocation_file()
-                                                      or now - last_revocations >= 60):
-                    last_revocations = now
-                    published = self._revocation_file()
+                revoked = read_revocations(self.options.node_dir) if self.spec.access == "private" else None
+                if revoked is not None and (revoked != published or now - last_revocations >= 60):
+                    last_revocations, published = now, revoked
                     await self._publish_revocations()
             except Exception as e:
                 logger.warning("republishing the seed's records failed: %s: %s", type(e).__name__, e)

@@ -28,6 +28,7 @@ class PeerTable:
         self.num_stages = num_stages
         self.policy = policy
         self._entries: list[list[StageEntry]] = [[] for _ in range(num_stages)]
+        self._expires: dict[str, float] = {}  # member peer id -> when its latest entry expires
         self.refreshed_at = 0.0  # get_dht_time() of the last refresh
 
     def stage(self, stage: int) -> list[PeerInfo]:
@@ -47,12 +48,8 @@ class PeerTable:
         return max(beats, key=lambda e: e.expires).beat if beats else None
 
     def is_member(self, peer_id: str) -> bool:
-        now = get_dht_time()
-        return any(e.peer_id == peer_id and e.expires > now for entries in self._entries for e in entries)
-
-    def members(self) -> set[str]:
-        now = get_dht_time()
-        return {e.peer_id for entries in self._entries for e in entries if e.expires > now}
+        """Asked on every inbound request: one lookup in a table rebuilt at each refresh."""
+        return self._expires.get(peer_id, 0.0) > get_dht_time()
 
     async def refresh(self, dht: DHTNode, run_id: str) -> None:
         """Read every stage's record from the DHT (concurrently); a stage whose read fails keeps its entries
@@ -64,6 +61,10 @@ class PeerTable:
                 logger.debug("reading stage %d record failed: %s", s, record)
                 continue
             self._entries[s] = [e for e in stage_entries(record) if self.policy is None or self.policy(e, s)]
+        expires: dict[str, float] = {}
+        for e in (e for entries in self._entries for e in entries):
+            expires[e.peer_id] = max(expires.get(e.peer_id, 0.0), e.expires)
+        self._expires = expires
         self.refreshed_at = get_dht_time()
 
 
