@@ -10,7 +10,7 @@ For each network, replica count N and model size P (fp32 parameters), N peer pro
   over one flat fp32 tensor of P elements (target_group_size = min_group_size = N, compression
   ``NoCompression``, which is also hivemind's default) and calls ``averager.step()`` once. The result
   is checked: every peer must end with the mean of all N initial tensors.
-- **NoLoCo**: every peer runs the daemon's own ``swarmd.daemon.outer.NoLoCoService`` (P2P, in-loop
+- **NoLoCo**: every peer runs the daemon's own ``swarmd.daemon.outer_service.NoLoCoService`` (P2P, in-loop
   ``DHTNode``, ``Transport``, compute lane; the averaging config and codec of the daemon's default run
   spec ``daemon/default_run.toml``: ``int8-ef``, its pair timeout) over a replica holding the same flat vector, and calls ``outer_step()`` once: it pairs with
   one random partner through the DHT ready board and swaps phi and theta - phi, or steps solo.
@@ -224,7 +224,7 @@ async def peer_noloco_async(args, commands) -> None:
     from swarmd.daemon.compute import ComputeLane
     from swarmd.daemon.metrics import NodeMetrics
     from swarmd.daemon.identity import NodeIdentity
-    from swarmd.daemon.outer import NoLoCoService
+    from swarmd.daemon.outer_service import NoLoCoService
     from swarmd.daemon.records import record_signer
     from swarmd.daemon.p2p_host import create_p2p
     from swarmd.daemon.spec import DEFAULT_SPEC_PATH, RunSpec
@@ -659,7 +659,7 @@ def main() -> None:
     avg = spec.averaging
     print(f"sizes {[size_label(s) for s in args.sizes]}, replicas {args.replicas}; all-reduce: hivemind "
           f"DecentralizedAverager, NoCompression, min_matchmaking_time {args.matchmaking_s:g} s; NoLoCo: "
-          f"swarmd.daemon.outer.NoLoCoService, codec {args.codec or spec.compression.averaging}, pair_timeout_s "
+          f"swarmd.daemon.outer_service.NoLoCoService, codec {args.codec or spec.compression.averaging}, pair_timeout_s "
           f"{args.pair_timeout_s or avg.pair_timeout_s:g}, exchange_timeout_s "
           f"{args.exchange_timeout_s or avg.exchange_timeout_s:g}, chunk_elements {avg.chunk_elements}", flush=True)
 

@@ -17,9 +17,10 @@ so the runs differ only in how the replicas of a stage are combined:
 (b) diloco:  every H inner steps a stage's replicas average pseudo-gradients, outer Nesterov SGD (swarm/diloco.py);
 (c) noloco:  every H inner steps a stage's replicas pair by a random perfect matching (a replica steps solo
     with probability --solo-rate, as one that found no partner before the deadline) and each applies the
-    daemon's outer step (swarm/outer.py: outer_step_) to its partner's phi and theta - phi as they arrive
-    through the spec's averaging codec (int8 with error feedback: encode_payload, decode_tensor); the
-    --codec none row is the fp32 reference;
+    daemon's outer step (swarm/outer.py: outer_step_, the fused update of swarmd.kernels chunk by chunk) to
+    its partner's phi and theta - phi as they arrive through the spec's averaging codec (int8 with error
+    feedback: encode_payload, decode_tensor keeping int8 blocks, commit_residuals when the payload was used);
+    the --codec none row is the fp32 reference;
 (d) none:    the replicas never combine weights (random routing still mixes them).
 
 Validation loss (fixed batches from the end of the embedded corpus) is measured every --eval-every steps,
@@ -66,12 +67,15 @@ from swarmd.swarm.model import (
 )
 from swarmd.swarm.outer import (
     OuterState,
+    Payload,
     assign_flat_,
     chunk_bounds,
+    commit_residuals,
     encode_payload,
     flatten_parameters,
     outer_step_,
 )
+from swarmd.protocols.codecs import EncodedTensor
 from swarmd.swarm.stage import optimizer_param_groups
 
 METHODS = ("sync-dp", "diloco", "noloco", "none")
@@ -270,24 +274,26 @@ def run_method(method: str, setup: Setup) -> Curve:
                 payloads = [wire_payload(outer[s][i], thetas[i], bounds, setup) for i in range(n)]
                 for i in range(n):
                     j = partner.get(i)
-                    phi_j, progress_j = payloads[j] if j is not None else (None, None)
-                    # each payload is used once (by the one partner), so it may serve as scratch
-                    theta = outer_step_(outer[s][i], thetas[i], thetas[i].clone(), phi_j, progress_j,
-                                        beta=a.beta, gamma=a.gamma, mu=a.mu)
-                    replicas[i].load(theta)
+                    if j is not None:  # our payload was used by j: keep its error feedback
+                        commit_residuals(outer[s][i], thetas[i], bounds, payloads[i][0])
+                    outer_step_(outer[s][i], thetas[i], payloads[j][1] if j is not None else None,
+                                beta=a.beta, gamma=a.gamma, mu=a.mu)
+                    replicas[i].load(thetas[i])
         curve.train_s += time.perf_counter() - start
         if step % setup.eval_every == 0 or step == setup.steps:
             record(step)
     return curve
 
 
-def wire_payload(state: OuterState, theta: torch.Tensor, bounds: list[tuple[int, int]],
-                 setup: Setup) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """What a partner receives of this replica's (phi, theta - phi): the daemon's encoding, decoded."""
+def wire_payload(
+    state: OuterState, theta: torch.Tensor, bounds: list[tuple[int, int]], setup: Setup
+) -> tuple[list[tuple[EncodedTensor, EncodedTensor]], list[tuple[Payload, Payload]]]:
+    """This replica's (phi, theta - phi) as the daemon encodes it, and as a partner receives it (int8 blocks
+    kept as they are, as the daemon's transport does)."""
     chunks = encode_payload(state, theta, bounds, setup.codec, setup.block_size)
-    phi = [decode_tensor(p.meta, p.payload, DEFAULT_LIMITS) for p, _ in chunks]
-    progress = [decode_tensor(q.meta, q.payload, DEFAULT_LIMITS) for _, q in chunks]
-    return phi, progress
+    received = [tuple(decode_tensor(t.meta, t.payload, DEFAULT_LIMITS, keep_blocks=True) for t in pair)
+                for pair in chunks]
+    return chunks, received
 
 
 def plot(curves: list[Curve], setup: Setup, path: Path) -> None:

@@ -28,7 +28,7 @@ from swarmd.kernels import (
     quantize_int4_ef,
     quantize_int8_ef,
 )
-from swarmd.swarm.noloco import noloco_update
+from swarmd.kernels.noloco_torch import noloco_outer_update_torch_
 
 
 @dataclass
@@ -93,10 +93,8 @@ def ref_pair_average(codes, scales, own, bs):
 
 
 def ref_noloco(phi, theta, delta, c1, s1, c2, s2, bs):
-    new_phi, new_theta, new_delta = noloco_update(phi, theta, delta, ref_dequant8(c1, s1, bs), ref_dequant8(c2, s2, bs))
-    phi.copy_(new_phi)
-    theta.copy_(new_theta)
-    delta.copy_(new_delta)
+    # the rule's torch path on payloads decoded the eager way (the rule itself exists once, in swarmd.kernels)
+    noloco_outer_update_torch_(phi, theta, delta, ref_dequant8(c1, s1, bs), ref_dequant8(c2, s2, bs), 0.7, 0.7, 0.5)
 
 
 def build_ops(n: int, bs: int, device: torch.device, use_compile: bool, triton: bool) -> list[Op]:

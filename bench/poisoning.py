@@ -9,7 +9,9 @@ through the daemon's own code:
 
 - per stage, replicas pair by a random matching in which nobody is paired with a peer it has banned or that
   has banned it (the daemon's proposers skip banned peers on the ready board, and refuse banned proposers);
-- payloads travel through the spec's averaging codec (``wire_payload``: ``encode_payload``, ``decode_tensor``);
+- payloads travel through the spec's averaging codec (``wire_payload``: ``encode_payload``, ``decode_tensor``
+  keeping int8 blocks; the sent chunks and the received ones), and an honest replica whose payload was used
+  keeps its error feedback (``commit_residuals``);
 - each honest replica judges its partner's payload as NoLoCoService does: ``payload_sums`` per chunk, then
   ``payload_problem`` under the run spec's AveragingConfig bounds. The driver (the smaller index, the
   proposer in the daemon) judges first; if it rejects, the other's step "failed" (it got a reject verdict);
@@ -62,6 +64,7 @@ from swarmd.swarm.outer import (  # noqa: E402
     OuterState,
     PartnerBans,
     chunk_bounds,
+    commit_residuals,
     outer_step_,
     payload_problem,
     payload_sums,
@@ -128,7 +131,7 @@ def judge(own: OuterState, own_theta: torch.Tensor, payload: tuple[list, list], 
     """NoLoCoService's verdict on a partner's payload: (problem or None, (its distance from our phi in our
     progress norms, the same in ||phi||, its progress ratio to ours))."""
     progress_sq = distance_sq = 0.0
-    for (start, end), phi, progress in zip(bounds, *payload):
+    for (start, end), (phi, progress) in zip(bounds, payload[1]):
         p_sq, d_sq = payload_sums(own.phi[start:end], phi, progress)
         progress_sq, distance_sq = progress_sq + p_sq, distance_sq + d_sq
     phi_norm, progress_norm = math.sqrt(sum_of_squares(own.phi)), math.sqrt(sum_of_squares(own_theta - own.phi))
@@ -141,10 +144,12 @@ def judge(own: OuterState, own_theta: torch.Tensor, payload: tuple[list, list], 
 
 def honest_step(state: OuterState, theta: torch.Tensor, payload: tuple[list, list] | None,
                 setup: Setup) -> torch.Tensor:
-    """The daemon's outer step (paired with ``payload``, or solo), clipped; returns the new weights."""
+    """The daemon's outer step (paired with ``payload``, or solo), clipped; returns the new weights (in
+    ``theta``'s buffer)."""
     a = setup.averaging
-    partner = payload if payload is not None else (None, None)
-    return outer_step_(state, theta, theta.clone(), *partner, beta=a.beta, gamma=a.gamma, mu=a.mu, max_move=a.max_move)
+    outer_step_(state, theta, payload[1] if payload is not None else None, beta=a.beta, gamma=a.gamma, mu=a.mu,
+                max_move=a.max_move)
+    return theta
 
 
 @dataclass
@@ -175,7 +180,8 @@ class Poisoner:
         """Its own outer step: phi <- phi + 2 (theta - phi), no pull toward anyone, if its weights drift;
         else an honest one (with whoever accepted it)."""
         if self.mode == "drift" and self.drifted_weights:
-            return outer_step_(state, theta, theta.clone(), beta=DRIFT, gamma=0.0, mu=0.0)
+            outer_step_(state, theta, beta=DRIFT, gamma=0.0, mu=0.0)
+            return theta
         return honest_step(state, theta, payload, setup)
 
 
@@ -233,6 +239,8 @@ def outer_round(replicas: list, states: list[OuterState], bans: list[PartnerBans
             replicas[i].load(poisoner.step(states[i], thetas[i], payload, setup))
             continue
         before = states[i].phi.clone()
+        if i in partner_of:  # its payload was used: keep its error feedback
+            commit_residuals(states[i], thetas[i], bounds, payloads[i][0])
         replicas[i].load(honest_step(states[i], thetas[i], payload, setup))
         if not hostile:
             moved = math.sqrt(sum_of_squares(states[i].phi - before)) / math.sqrt(sum_of_squares(before))

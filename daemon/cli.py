@@ -16,7 +16,7 @@ from pathlib import Path
 os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
 
 import torch
-from swarmd.daemon.p2p_host import AddressError, check_announce_maddr, check_peer_id, peer_id_of
+from swarmd.daemon.p2p_host import AddressError, check_announce_maddr, check_peer_id, peer_id_of, reachability
 from swarmd.daemon.spec import DEFAULT_SPEC_PATH, RunSpec, SpecError
 
 DESCRIPTION = """\
@@ -28,6 +28,8 @@ microbatches travel through randomized pipelines across the volunteers' machines
   swarmd join MULTIADDR               join a run and serve + train the stage that needs help most
   swarmd status MULTIADDR             print a run's stages, peers, steps and loss
   swarmd token mint|revoke            join tokens of a private run (on the seed's machine)
+  swarmd doctor [MULTIADDR]           check this machine before joining: ports, limits, disk, GPU, and
+                                      with a peer: dial-back reachability, clock and versions
 """
 
 
@@ -39,7 +41,8 @@ def _node_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--announce", action="append", default=[], metavar="MULTIADDR",
                      help="public multiaddr to announce, e.g. /ip4/203.0.113.7/tcp/31337 (repeatable)")
     net.add_argument("--no-nat-traversal", action="store_true",
-                     help="disable NAT port mapping, AutoNAT and relays (always off when --host is loopback)")
+                     help="disable NAT port mapping, AutoNAT, relays and auto-relay (always off when --host is "
+                          "loopback)")
     node = parser.add_argument_group("node")
     node.add_argument("--node-dir", type=Path, default=None,
                       help="where the node keeps its identity key and ready.json (default ~/.swarmd/<command>)")
@@ -55,7 +58,11 @@ def _node_arguments(parser: argparse.ArgumentParser) -> None:
     node.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     node.add_argument("--metrics-host", default="0.0.0.0", help="address of the /metrics endpoint (default 0.0.0.0)")
     node.add_argument("--metrics-port", type=int, default=9100,
-                      help="Prometheus /metrics port (default 9100; 0: any free port; -1: off)")
+                      help="port of /metrics, the status page (/) and /status.json (default 9100; 0: any free "
+                           "port; -1: off)")
+    node.add_argument("--swarm-metrics", action="store_true",
+                      help="also export swarm-wide gauges (swarmd_swarm_*) read from the run's records (the seed "
+                           "always does)")
     node.add_argument("--max-steps", type=int, default=0, help="stop after this node took this many inner steps (default: never)")
     node.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default: never)")
     node.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress lines (default 5)")
@@ -92,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--seed-id", action="append", default=[], metavar="PEER_ID",
                         help="trust specs signed by this peer, when asking another peer")
     status.add_argument("--watch", type=float, default=0.0, help="refresh every this many seconds (default: once)")
+    status.add_argument("--json", action="store_true",
+                        help="print the status page's JSON document (one line per refresh; no node, no history)")
 
     token = commands.add_parser("token", help="mint or revoke join tokens of a private run (on the seed's machine)",
                                 description="Join tokens let volunteers into a run whose spec says "
@@ -107,6 +116,29 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = token_commands.add_parser("revoke", help="revoke tokens by id; the running seed publishes the list")
     revoke.add_argument("ids", nargs="+", metavar="TOKEN_ID", help="token ids, as `swarmd token mint` printed them")
     revoke.add_argument("--node-dir", type=Path, default=None, help="the seed's node dir (default ~/.swarmd/seed)")
+
+    doctor = commands.add_parser(
+        "doctor", help="check this machine before joining (one line per check, with a fix for each failure)",
+        description="Check the ports, the open-file limit, free disk in the node directory, CUDA, GPU memory and "
+                    "triton. Given a peer of the run, also fetch and verify its spec, compare versions and clocks "
+                    "with the peer, and ask it to dial this machine back: reachable, relayed or unreachable. "
+                    "Give the network options the node will run with. Exit 0 when nothing FAILs, 1 otherwise.")
+    doctor.add_argument("peer", nargs="?", default=None, metavar="MULTIADDR",
+                        help="a peer of the run, e.g. the seed's join address (default: local checks only)")
+    doctor.add_argument("--seed-id", action="append", default=[], metavar="PEER_ID",
+                        help="trust specs signed by this peer, when asking another peer than the seed")
+    doctor.add_argument("--host", default="0.0.0.0", help="address the node will listen on (default 0.0.0.0)")
+    doctor.add_argument("--port", type=int, default=0, help="TCP port the node will use (default: any free port)")
+    doctor.add_argument("--announce", action="append", default=[], metavar="MULTIADDR",
+                        help="public multiaddr the node will announce (repeatable)")
+    doctor.add_argument("--no-nat-traversal", action="store_true", help="check as a node with NAT traversal off")
+    doctor.add_argument("--node-dir", type=Path, default=None, help="the node's directory (default ~/.swarmd/join)")
+    doctor.add_argument("--metrics-host", default="0.0.0.0", help="address of the /metrics endpoint (default 0.0.0.0)")
+    doctor.add_argument("--metrics-port", type=int, default=9100, help="the node's metrics port (default 9100; -1: off)")
+    doctor.add_argument("--device", default="cpu", help="torch device the node will train on (default cpu)")
+    doctor.add_argument("--relay-wait", type=float, default=240.0, metavar="S",
+                        help="when the peer cannot dial this machine, wait this long for a relay address (default "
+                             "240: auto-relay gathers candidates for up to 3 minutes)")
 
     demo = commands.add_parser("demo", help="run a local swarm on 127.0.0.1 (seed + volunteers) and watch it train",
                                description="Start a seed and volunteers as separate processes on 127.0.0.1 "
@@ -130,7 +162,7 @@ def _node_options(args: argparse.Namespace, command: str, **extra):
         stage=args.stage, rebalance=not args.no_rebalance, device=args.device, threads=args.threads,
         metrics_host=args.metrics_host, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         max_steps=args.max_steps, duration_s=args.duration, state_wait_s=args.state_wait, progress_s=args.progress_every,
-        nat_traversal=not args.no_nat_traversal, **extra,
+        nat_traversal=not args.no_nat_traversal, swarm_metrics=args.swarm_metrics, **extra,
     )
 
 
@@ -159,8 +191,10 @@ def _print_banner(node) -> None:
           f"role {'seed' if node.options.seed_spec else 'volunteer'}, "
           f"stage {node.stage if node.stage is not None else '-'}", flush=True)
     print(f"listening on {' '.join(node.maddrs)}", flush=True)
+    print(f"reachability: {reachability(node.maddrs, node.nat_traversal)[1]}", flush=True)
     if node.metrics_server is not None:
-        print(f"metrics on http://{node.options.metrics_host}:{node.metrics_server.port}/metrics", flush=True)
+        base = f"http://{node.options.metrics_host}:{node.metrics_server.port}"
+        print(f"metrics on {base}/metrics, status page on {base}/", flush=True)
     if node.options.seed_spec is not None:
         print("volunteers join with:", flush=True)
         print(f"  swarmd join {public[0]}", flush=True)
@@ -196,6 +230,14 @@ def check_arguments(args: argparse.Namespace) -> None:
             peer_id_of(maddr)
         for peer_id in args.seed_id:
             check_peer_id(peer_id)
+    if args.command == "doctor":
+        _check_ranges(args, (("--port", "port", 0, 65535), ("--metrics-port", "metrics_port", -1, 65535),
+                             ("--relay-wait", "relay_wait", 0, math.inf)))
+        _check_network_arguments(args)
+        if args.peer is not None:
+            peer_id_of(args.peer)
+        for peer_id in args.seed_id:
+            check_peer_id(peer_id)
 
 
 def _check_ranges(args: argparse.Namespace, ranges: tuple[tuple[str, str, float, float], ...]) -> None:
@@ -208,6 +250,13 @@ def _check_ranges(args: argparse.Namespace, ranges: tuple[tuple[str, str, float,
 
 def _check_node_arguments(args: argparse.Namespace) -> None:
     _check_ranges(args, _NODE_RANGES)
+    _check_network_arguments(args)
+    if not isinstance(logging.getLevelName(args.log_level.upper()), int):
+        raise UsageError(f"--log-level {args.log_level!r} is not a log level: use debug, info, warning or error")
+
+
+def _check_network_arguments(args: argparse.Namespace) -> None:
+    """--host, --announce and --device, as a node (or the doctor checking for one) takes them."""
     try:
         ipaddress.IPv4Address(args.host)
     except ValueError:
@@ -215,8 +264,6 @@ def _check_node_arguments(args: argparse.Namespace) -> None:
                          "(all interfaces) or 127.0.0.1 (this machine only)") from None
     for maddr in args.announce:
         check_announce_maddr(maddr)
-    if not isinstance(logging.getLevelName(args.log_level.upper()), int):
-        raise UsageError(f"--log-level {args.log_level!r} is not a log level: use debug, info, warning or error")
     try:
         torch.device(args.device)
     except RuntimeError:
@@ -293,10 +340,19 @@ def main(argv: list[str] | None = None) -> int:
             return uvloop.run(_run_node(options))
         if args.command == "token":
             return _run_token(args)
+        if args.command == "doctor":
+            from swarmd.daemon.doctor import DoctorOptions, run_doctor
+
+            return uvloop.run(run_doctor(DoctorOptions(
+                peer=args.peer, seed_ids=tuple(args.seed_id), host=args.host, port=args.port,
+                announce=tuple(args.announce), nat_traversal=not args.no_nat_traversal,
+                node_dir=args.node_dir or Path.home() / ".swarmd" / "join", metrics_host=args.metrics_host,
+                metrics_port=args.metrics_port, device=args.device, relay_wait_s=args.relay_wait,
+            )))
         if args.command == "status":
             from swarmd.daemon.status import run_status
 
-            return uvloop.run(run_status(args.peers, args.seed_id, args.watch))
+            return uvloop.run(run_status(args.peers, args.seed_id, args.watch, as_json=args.json))
     except (SpecError, TokenError, CheckpointError, StateSyncError, ConnectionError, OSError) as e:
         return _fail(args.command, e)
     except KeyboardInterrupt:

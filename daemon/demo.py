@@ -141,7 +141,7 @@ def run_demo(args: argparse.Namespace) -> int:
         env = {**os.environ, "TMPDIR": str(root), "HIVEMIND_LOGLEVEL": "ERROR", "PYTHONUNBUFFERED": "1"}
         (root / "sockets").mkdir(parents=True, exist_ok=True)
         env["TMPDIR"] = str(root / "sockets")
-        common = ["--host", "127.0.0.1", "--metrics-host", "127.0.0.1", "--metrics-port", "0"]
+        common = ["--host", "127.0.0.1", "--no-nat-traversal", "--metrics-host", "127.0.0.1", "--metrics-port", "0"]
         children: list[Child] = []
         started = time.monotonic()
         try:

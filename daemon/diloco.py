@@ -17,11 +17,10 @@ from collections import Counter
 import torch
 from swarmd.daemon.compute import ComputeLane
 from swarmd.daemon.metrics import NodeMetrics
-from swarmd.daemon.outer import Replica
 from swarmd.daemon.spec import AveragingConfig
 from swarmd.kernels import all_finite
 from swarmd.swarm.diloco import diloco_update
-from swarmd.swarm.outer import OuterState
+from swarmd.swarm.outer import OuterState, Replica
 
 logger = logging.getLogger(__name__)
 

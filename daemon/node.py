@@ -22,12 +22,15 @@ from hivemind.p2p import P2P
 from hivemind.utils.timed_storage import get_dht_time
 from swarmd.daemon.checkpoint import CheckpointInfo, checkpoint_path, read_checkpoint_info, restore_checkpoint, write_checkpoint
 from swarmd.daemon.compute import ComputeLane, ThroughputMeter
+from swarmd.daemon.dialback import DialBack
 from swarmd.daemon.diloco import DiLoCoService
 from swarmd.daemon.heldout import run_corpus
+from swarmd.daemon.host_metrics import p2pd_pid
 from swarmd.daemon.identity import NodeIdentity
-from swarmd.daemon.metrics import MetricsServer, NodeMetrics
-from swarmd.daemon.outer import NoLoCoService, run_at_boundaries
-from swarmd.daemon.p2p_host import create_p2p, peer_id_of
+from swarmd.daemon.metrics import OUTER_RESULTS, MetricsServer, NodeMetrics, SwarmMetrics
+from swarmd.daemon.boundaries import run_at_boundaries
+from swarmd.daemon.outer_service import NoLoCoService
+from swarmd.daemon.p2p_host import create_p2p, nat_options, peer_id_of, reachability
 from swarmd.daemon.peers import PeerTable, announce
 from swarmd.daemon.pipeline import PipelineService
 from swarmd.daemon.membership import Membership, TokenError, check_token, read_revocations, token_bytes
@@ -36,7 +39,10 @@ from swarmd.daemon.records import (
 )
 from swarmd.daemon.spec import RunSpec, SpecError, sign_spec, spec_signer_key, verify_spec_record
 from swarmd.daemon.state_sync import StateDonor, StateDownload, StateSyncError
+from swarmd.daemon.status_page import PAGE, History, NodeStatus, StatusBoard, status_document
+from swarmd.daemon.swarm_view import swarm_view
 from swarmd.daemon.transport import Transport
+from swarmd.daemon.versions import encode_versions, software_versions
 from swarmd.protocols import rpc
 from swarmd.protocols.limits import DEFAULT_LIMITS
 from swarmd.protocols.wire import PROTOCOL_VERSION, Message, encode_message
@@ -55,6 +61,7 @@ JOIN_REREAD_S = 1.0
 DRAIN_S = 5.0  # how long a leaving node lets held microbatches finish
 WITHDRAW_TIMEOUT_S = 3.0
 REVOCATIONS_TTL_S = 180.0  # the seed republishes its revocation list every 60 s
+REACHABILITY_CHECK_S = 15.0  # how often a node re-reads its visible addresses (a relay one may appear)
 
 
 @dataclass
@@ -79,8 +86,9 @@ class NodeOptions:
     progress_s: float = 5.0
     heartbeat_s: float = 2.0
     state_wait_s: float = 120.0  # how long a joiner waits for a replica of a stage that trained and has none
-    nat_traversal: bool = True  # NAT port mapping + AutoNAT; always off on loopback-only hosts
+    nat_traversal: bool = True  # port mapping, AutoNAT, relays, auto-relay; always off on loopback-only hosts
     token: str | None = None  # a private run's join token (from the seed's `swarmd token mint`)
+    swarm_metrics: bool = False  # export swarm-wide gauges from the records (the seed always does)
     seed_spec: RunSpec | None = field(default=None, repr=False)  # set: this node is the seed
 
     @property
@@ -97,6 +105,9 @@ class Node:
         self.pipeline: PipelineService | None = None
         self.worker: StageWorker | None = None
         self.metrics_server: MetricsServer | None = None
+        self.swarm_metrics: SwarmMetrics | None = None
+        self.status = StatusBoard()  # the status page's JSON, built on the loop, read by the HTTP thread
+        self.history = History()  # this node's recent loss and throughput, one point per progress line
         self.dht: DHTNode | None = None
         self.p2p: P2P | None = None
         self.lane: ComputeLane | None = None
@@ -130,7 +141,7 @@ class Node:
         if options.threads:
             torch.set_num_threads(options.threads)
         await self._start_p2p(options)
-        self.metrics = NodeMetrics()
+        self.metrics = NodeMetrics(p2pd_pid=p2pd_pid(self.p2p))
         self.transport = Transport(self.p2p, self.metrics, DEFAULT_LIMITS)
         if options.seed_spec is not None:
             self.spec = options.seed_spec
@@ -162,15 +173,21 @@ class Node:
         self.metrics.info.info({"version": VERSION, "run_id": spec.run_id, "peer_id": self.peer_id})
         self.metrics.num_stages.set(spec.pipeline.stages)
         self.metrics.stage.set(-1)
+        if options.seed_spec is not None or options.swarm_metrics:
+            self.swarm_metrics = SwarmMetrics(self.metrics.registry, spec.pipeline.stages)
+        self._publish_status()
         await self.transport.serve(rpc.INFO, "info", self._on_info, ("info_request",), members_only=False)
         await self.transport.serve(rpc.SPEC, "spec", self._on_spec, ("spec_request",), members_only=False)
+        await self.transport.serve(rpc.DIALBACK, "dialback", DialBack(DEFAULT_LIMITS).handle, ("dialback_request",),
+                                   members_only=False)  # `swarmd doctor` of a would-be volunteer
         # Heartbeats start before the stage's state comes in: a joining entry makes us a member its donors serve.
         self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
         if options.train:
             self.lane = ComputeLane()
             await self._enter_stage(self._choose_stage(options))
         if options.metrics_port is not None:
-            self.metrics_server = MetricsServer(self.metrics, options.metrics_host, options.metrics_port)
+            self.metrics_server = MetricsServer(self.metrics, options.metrics_host, options.metrics_port,
+                                                status_json=self.status.json, page=PAGE)
 
     def _own_token(self, options: NodeOptions, seed_key: bytes) -> bytes:
         """Our join token's bytes (b"": none needed), checked before anything is announced: a private run
@@ -185,18 +202,36 @@ class Node:
         return raw
 
     async def _start_p2p(self, options: NodeOptions) -> None:
-        nat = options.nat_traversal and not options.loopback_only
         self.p2p = await create_p2p(
             initial_peers=list(options.initial_peers),
             host_maddrs=[f"/ip4/{options.host}/tcp/{options.port}"],
             announce_maddrs=list(options.announce) or None,
             identity_path=str(self.identity.path),
             check_if_identity_free=False,
-            nat_port_map=nat,
-            auto_nat=nat,
-            use_relay=nat,
+            **nat_options(self.nat_traversal, options.initial_peers),
         )
         self.maddrs = [str(m) for m in await self.p2p.get_visible_maddrs()]
+
+    @property
+    def nat_traversal(self) -> bool:
+        return self.options.nat_traversal and not self.options.loopback_only
+
+    async def _reachability_loop(self) -> None:
+        """Re-read our visible addresses: auto-relay adds a /p2p-circuit one once AutoNAT finds that peers
+        cannot dial us (within a few minutes of the start). Heartbeats announce the new set; a change is printed."""
+        said = reachability(self.maddrs, self.nat_traversal)[1]
+        while True:
+            await asyncio.sleep(REACHABILITY_CHECK_S)
+            try:
+                maddrs = [str(m) for m in await self.p2p.get_visible_maddrs(latest=True)]
+            except Exception as e:  # p2pd busy or going away: try again next time
+                logger.debug("reading our visible addresses failed: %s: %s", type(e).__name__, e)
+                continue
+            if set(maddrs) != set(self.maddrs):
+                self.maddrs = maddrs
+                if (line := reachability(maddrs, self.nat_traversal)[1]) != said:
+                    said = line
+                    print(f"reachability: {line} ({' '.join(maddrs)})", flush=True)
 
     def _own_checkpoint(self) -> CheckpointInfo | None:
         """This node's checkpoint of this run, if its node dir holds one (another run's is left alone)."""
@@ -229,6 +264,7 @@ class Node:
             microbatches_per_step=o.microbatches_per_step, device=options.device,
             weight_stashes=spec.pipeline.weight_stashes,
         )
+        await self._announce_joining()
         adopted = await self._stage_state(stage)
         self.donor = StateDonor(self.transport, stage, self.lane, self._snapshot, self.metrics)
         await self.donor.register()
@@ -299,10 +335,10 @@ class Node:
                                      self.state_bans)
             try:
                 result = await download.run(candidates)
-            except StateSyncError:
+            except StateSyncError as e:
                 if own is None:
                     raise
-                print(f"state sync failed; restoring {own.path} instead", flush=True)
+                print(f"state sync failed ({e}); restoring {own.path} instead", flush=True)
             else:
                 self.worker.inner_step = result.inner_step
                 if result.outer is None:
@@ -408,6 +444,7 @@ class Node:
         return encode_message("info", {
             "run_id": self.spec.run_id, "peer_id": self.peer_id, "stage": self.stage,
             "inner_step": self.worker.inner_step if self.worker else 0, "protocol": PROTOCOL_VERSION,
+            "wall_time": time.time(), "versions": encode_versions(software_versions()),
         })
 
     # ---- running -------------------------------------------------------------------------------
@@ -427,6 +464,8 @@ class Node:
         self.write_ready_file()
         self._first_step = self.worker.inner_step if self.worker else 0
         self._tasks.append(asyncio.create_task(self._progress_loop()))
+        if self.nat_traversal:
+            self._tasks.append(asyncio.create_task(self._reachability_loop()))
         if self.options.seed_spec is not None:
             self._tasks.append(asyncio.create_task(self._republish_loop()))
         if self.options.duration_s > 0:
@@ -491,7 +530,39 @@ class Node:
             inner_step=self.worker.inner_step if serving else 0,
             samples=self.worker.samples_processed if serving else 0, maddrs=tuple(self.maddrs),
             leaving=leaving, joining=not serving and not leaving, token=self.token,
+            loss=self.pipeline.stats.last_loss if serving else None,  # NaN until the first one: not announced
+            outer_steps=self._outer_counts(),
         )
+
+    def _outer_counts(self) -> tuple[int, int, int, int]:
+        results = self.outer.results if self.outer is not None else {}
+        return tuple(results.get(r, 0) for r in OUTER_RESULTS)
+
+    def _publish_status(self) -> None:
+        """Hand the status page a fresh document (on the loop: the HTTP thread gets finished bytes), and
+        export the swarm-wide gauges from the same view of the records."""
+        view = swarm_view([self.peers.serving(s) for s in range(self.spec.pipeline.stages)])
+        if self.swarm_metrics is not None:
+            self.swarm_metrics.update(view)
+        serving = self.pipeline is not None and self.worker is not None
+        stats = self.pipeline.stats if serving else None
+        node = NodeStatus(
+            peer_id=self.peer_id, role="seed" if self.options.seed_spec is not None else "volunteer",
+            stage=self.stage, inner_step=self.worker.inner_step if self.worker is not None else 0,
+            outer_step=getattr(getattr(self.outer, "state", None), "outer_step", None),  # None: not started
+            loss=stats.last_loss if stats else None, eval_loss=stats.eval_loss if stats else None,
+            throughput=self.pipeline.meter.value if serving else None,
+        )
+        self.status.publish(status_document(self.spec.run_id, view, node, self.history.points()))
+
+    async def _announce_joining(self) -> None:
+        """Store our joining entry before asking anyone for state: donors serve members only, and the heartbeat
+        loop's first beat could come after our first request."""
+        try:
+            await announce(self.dht, self.spec.run_id, self.stage, self.signer.subkey, self._heartbeat(),
+                           ttl=3 * self.options.heartbeat_s)
+        except Exception as e:  # the heartbeat loop tries again; donors re-read the records on our first request
+            logger.warning("could not announce our joining entry: %s: %s", type(e).__name__, e)
 
     async def _heartbeat_loop(self) -> None:
         """Announce ourselves (joining, then serving) every heartbeat_s, re-read the records, and in a private
@@ -504,6 +575,7 @@ class Node:
                 await self._read_revocations()
                 await self.peers.refresh(self.dht, self.spec.run_id)
                 self.metrics.set_live_peers(self.peers.counts())
+                self._publish_status()
             except TokenError as e:
                 print(f"stopping: {e}", flush=True)
                 self.stop_event.set()
@@ -633,6 +705,8 @@ class Node:
             rate = max(samples - last_samples, 0) / max(now - last_time, 1e-9)
             last_samples, last_time = samples, now
             loss, eval_loss = self.pipeline.stats.last_loss, self.pipeline.stats.eval_loss
+            self.history.add(time.time(), loss, eval_loss, rate)
+            self._publish_status()
             outer = f" | outer {self.outer.state.outer_step}" if self.outer is not None else ""
             held_out = f" | eval {eval_loss:.4f}" if eval_loss == eval_loss else ""  # NaN until the first pass
             print(

@@ -11,6 +11,7 @@ everything its nodes leave. Each P2P's sockets also carry a token of their own, 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
 import secrets
 import tempfile
@@ -80,6 +81,58 @@ def _parse(maddr: str, form: str = MADDR_FORM) -> Multiaddr:
         raise AddressError(f"{maddr!r} is not a valid multiaddr ({reason}): write it as {form}") from None
     except ValueError as e:
         raise AddressError(f"{maddr!r} is not a valid multiaddr ({e}): write it as {form}") from None
+
+
+def nat_options(enabled: bool, initial_peers: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """``P2P.create`` arguments for NAT traversal: all on, or all off (tests, the demo, loopback hosts).
+
+    On: UPnP/NAT-PMP port mapping; AutoNAT, which serves other peers' reachability probes and lets p2pd learn
+    whether peers can dial it; circuit relays, so this node can relay for others and dial relayed peers; and
+    auto-relay, which makes a node that AutoNAT finds unreachable reserve a slot on a relay and announce a
+    ``/p2p-circuit`` address. Auto-relay tries the bootstrap peers first (a seed is usually publicly
+    reachable and serves as a relay), then peers near it in p2pd's DHT."""
+    if not enabled:
+        return {"nat_port_map": False, "auto_nat": False, "use_relay": False, "use_auto_relay": False}
+    return {"nat_port_map": True, "auto_nat": True, "use_relay": True, "use_auto_relay": True,
+            "trusted_relays": list(initial_peers) or None}
+
+
+def reachability(maddrs: list[str], nat_traversal: bool) -> tuple[str, str]:
+    """How peers can reach a node that announces ``maddrs``: (kind, one line to print).
+
+    kind is "relayed" (a ``/p2p-circuit`` address: only through a relay), "local" (loopback only), "public"
+    (a public address is announced; whether a firewall lets peers in is unknown until a peer dials it:
+    `swarmd doctor` does), or "private" (private addresses only: reachable from the same network, and from
+    elsewhere only once a relay address appears)."""
+    relays = [m for m in maddrs if "/p2p-circuit" in m]
+    if relays:
+        via = relays[0].split("/p2p-circuit")[0].rsplit("/p2p/", 1)[-1]
+        return "relayed", (f"reachable only through a relay (via {via}): peers cannot dial this node directly; "
+                           "forward its TCP port and --announce it for direct links")
+    ips = [_ip_of(m) for m in maddrs]
+    ips = [ip for ip in ips if ip is not None]
+    if ips and all(ip.is_loopback for ip in ips):
+        return "local", "reachable from this machine only (loopback addresses)"
+    public = [m for m, ip in zip(maddrs, ips) if ip.is_global]
+    if public:
+        return "public", (f"reachability unknown: announces the public address {public[0]}, not verified; "
+                          "`swarmd doctor <peer multiaddr>` asks a peer to dial it")
+    if nat_traversal:
+        return "private", ("reachability unknown: only private addresses (behind NAT?); if peers cannot dial in, "
+                           "a relay address appears within a few minutes")
+    return "private", ("reachable from this network only (private addresses, NAT traversal off): forward a port "
+                       "and --announce it, or drop --no-nat-traversal")
+
+
+def _ip_of(maddr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        parsed = Multiaddr(maddr)
+        for proto in ("ip4", "ip6"):
+            if proto in parsed:
+                return ipaddress.ip_address(parsed.value_for_protocol(proto))
+    except (StringParseError, ValueError):
+        pass
+    return None
 
 
 def p2p_class(folder: str | None = None) -> type[P2P]:

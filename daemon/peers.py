@@ -31,9 +31,13 @@ class PeerTable:
         self._expires: dict[str, float] = {}  # member peer id -> when its latest entry expires
         self.refreshed_at = 0.0  # get_dht_time() of the last refresh
 
-    def stage(self, stage: int) -> list[PeerInfo]:
+    def serving(self, stage: int) -> list[StageEntry]:
+        """The live entries of ``stage``'s routable peers (neither joining nor leaving)."""
         now = get_dht_time()
-        return [e.info(stage) for e in self._entries[stage] if e.expires > now and not (e.beat.joining or e.beat.leaving)]
+        return [e for e in self._entries[stage] if e.expires > now and not (e.beat.joining or e.beat.leaving)]
+
+    def stage(self, stage: int) -> list[PeerInfo]:
+        return [e.info(stage) for e in self.serving(stage)]
 
     def all(self) -> list[PeerInfo]:
         return [p for s in range(self.num_stages) for p in self.stage(s)]

@@ -24,7 +24,7 @@ from swarmd.daemon.peers import PeerTable
 from swarmd.daemon.spec import RunSpec
 from swarmd.daemon.transport import Transport
 from swarmd.protocols import rpc
-from swarmd.protocols.codecs import encode_tensor
+from swarmd.protocols.codecs import EncodedTensor, encode_tensor
 from swarmd.protocols.errors import ProtocolError
 from swarmd.protocols.limits import Limits
 from swarmd.protocols.wire import Message, RemoteError, encode_message
@@ -94,6 +94,7 @@ class PipelineService:
         self.stats = PipelineStats(eval_scored=deque(maxlen=spec.evaluation.batches))
         self._tasks: set[asyncio.Task] = set()
         self._last_inner_step = worker.inner_step
+        self._last_step_at: float | None = None  # monotonic time of our latest inner step in this stage
         self.accepting = True  # False once the node leaves the stage: new forwards are refused as busy
 
     @property
@@ -103,8 +104,12 @@ class PipelineService:
     # ---- serving -------------------------------------------------------------------------------
 
     async def register(self) -> None:
-        await self.transport.serve(rpc.FORWARD, "forward", self.on_forward, ("forward",), channel="activations")
-        await self.transport.serve(rpc.BACKWARD, "backward", self.on_backward, ("backward",), channel="gradients")
+        # received activations and gradients are decoded straight onto our stage's device
+        device = self.worker.device
+        await self.transport.serve(rpc.FORWARD, "forward", self.on_forward, ("forward",), channel="activations",
+                                   device=device)
+        await self.transport.serve(rpc.BACKWARD, "backward", self.on_backward, ("backward",), channel="gradients",
+                                   device=device)
         await self.transport.serve(rpc.EVAL_RESULT, "eval_result", self.on_eval_result, ("eval_result",))
 
     async def on_forward(self, sender: str, message: Message) -> bytes:
@@ -274,9 +279,13 @@ class PipelineService:
         route, deadline = held.route, held.deadline
         codec = self.spec.compression.activations
         block = self.spec.compression.block_size
-        encoded, encoded_targets = await self.lane.run(
-            lambda: (encode_tensor(output, codec, block_size=block), encode_tensor(targets, "none"))
-        )
+        try:
+            encoded, encoded_targets = await self.lane.run(
+                lambda: (self._encode_outgoing(output, codec, block, "our activations"), encode_tensor(targets, "none"))
+            )
+        except ValueError as e:
+            logger.warning("microbatch dropped before sending: %s", e)
+            return None
         self._record_ratio("activations", output, encoded.payload)
         next_stage = self.stage + 1
         tried: set[str] = set()
@@ -321,7 +330,11 @@ class PipelineService:
         """Send the input gradient back along the route. A broken route drops the microbatch (counted)."""
         codec = self.spec.compression.gradients
         block = self.spec.compression.block_size
-        encoded = await self.lane.run(lambda: encode_tensor(grad, codec, block_size=block))
+        try:
+            encoded = await self.lane.run(lambda: self._encode_outgoing(grad, codec, block, "our input gradients"))
+        except ValueError as e:
+            logger.warning("microbatch dropped before sending its gradient back: %s", e)
+            return
         self._record_ratio("gradients", grad, encoded.payload)
         request = encode_message("backward", {"mb_id": mb_id, "stage": stage, "loss": loss}, [encoded])
         deadline = time.monotonic() + self.spec.pipeline.hop_timeout_s
@@ -346,6 +359,12 @@ class PipelineService:
             except Exception as e:
                 self._hop_failed(upstream, f"backward failed: {type(e).__name__}: {e}")
                 return
+
+    def _encode_outgoing(self, tensor: torch.Tensor, codec: str, block: int, what: str) -> EncodedTensor:
+        """On the lane: encode a tensor we send, after the checks every receiver applies. Ours failing them
+        (a diverging stage) is no peer's fault: the caller drops the microbatch instead of banning receivers."""
+        check_magnitude(tensor, self.spec.pipeline.max_activation, what)
+        return encode_tensor(tensor, codec, block_size=block)
 
     def _with_outstanding(self, peers: list[PeerInfo]) -> list[PeerInfo]:
         """Add to each peer's announced queue the microbatches we have outstanding there right now:
@@ -476,6 +495,17 @@ class PipelineService:
         if steps > 0:
             self.metrics.inner_steps.inc(steps)
             self._last_inner_step = self.worker.inner_step
+            self._time_steps(steps)
+
+    def _time_steps(self, steps: int) -> None:
+        """Observe the wall time since our previous inner step (split evenly when several landed at once). The
+        first step in a stage has no previous one here: a join's or a move's state download is not a step time."""
+        now = time.monotonic()
+        if self._last_step_at is not None:
+            for _ in range(steps):
+                self.metrics.inner_step_duration.observe((now - self._last_step_at) / steps)
+        self._last_step_at = now
+        self.metrics.last_inner_step.set(time.time())
 
     def _record_loss(self, loss: float) -> None:
         self.stats.last_loss = loss

@@ -28,6 +28,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 from swarmd.daemon.identity import NodeIdentity, peer_id_from_public_key
+from swarmd.daemon.metrics import OUTER_RESULTS
 from swarmd.protocols.limits import DEFAULT_LIMITS
 from swarmd.swarm.routing import PeerInfo
 
@@ -125,6 +126,8 @@ class Heartbeat:
     ``joining``: the peer is loading the stage's state and serves nothing yet (it is a member, not a route).
     ``leaving``: a withdrawal: the peer left this stage (records cannot be deleted, only outlived).
     ``token``: its join token, in a private run (every reader checks it).
+    ``loss``: its latest training loss (None until it has one; a loss outside 0..MAX_LOSS is not announced).
+    ``outer_steps``: its outer steps so far by result, in the order of OUTER_RESULTS (paired, solo, rejected, failed).
     """
 
     throughput: float  # samples/s its compute lane sustains
@@ -135,6 +138,8 @@ class Heartbeat:
     leaving: bool = False
     joining: bool = False
     token: bytes = b""
+    loss: float | None = None
+    outer_steps: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     def encode(self) -> bytes:
         raw = {"tput": self.throughput, "queue": self.queue_depth, "step": self.inner_step,
@@ -144,7 +149,32 @@ class Heartbeat:
                 raw[flag] = True
         if self.token:
             raw["token"] = self.token
+        if _valid_loss(self.loss):  # a diverged node's NaN or huge loss must not make its whole entry invalid
+            raw["loss"] = float(self.loss)
+        if any(self.outer_steps):
+            raw["outer"] = list(self.outer_steps)
         return msgpack.packb(raw, use_bin_type=True)
+
+
+MAX_LOSS = 1e4  # far above any cross-entropy (ln of a vocabulary), far below what breaks a sum
+MAX_COUNT = 2**53  # no honest count comes near; below it a count and its sums stay exact in a float
+# samples/s of one node: far above any accelerator's, far below what breaks a sum of hundreds of peers (a member
+# can still overstate its speed within this bound; routing weights are what it claims)
+MAX_THROUGHPUT = 1e7
+MAX_QUEUE = 1 << 20
+
+
+def _valid_count(n: Any, bound: int = MAX_COUNT) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= bound
+
+
+def _valid_loss(loss: Any) -> bool:
+    return isinstance(loss, float) and math.isfinite(loss) and 0.0 <= loss <= MAX_LOSS
+
+
+def _valid_outer(outer: Any) -> bool:
+    return (isinstance(outer, list) and len(outer) == len(OUTER_RESULTS)
+            and all(_valid_count(n) for n in outer))
 
 
 def decode_heartbeat(value: Any) -> Heartbeat | None:
@@ -157,15 +187,20 @@ def decode_heartbeat(value: Any) -> Heartbeat | None:
         tput, queue, step, samples = float(raw["tput"]), raw["queue"], raw["step"], raw["samples"]
         maddrs, token = raw["maddrs"], raw.get("token", b"")
         leaving, joining = raw.get("leaving", False), raw.get("joining", False)
+        loss, outer = raw.get("loss"), raw.get("outer", [0] * len(OUTER_RESULTS))
     except (ValueError, TypeError, KeyError, msgpack.ExtraData):
         return None
-    if not (math.isfinite(tput) and tput >= 0) or not all(isinstance(x, int) and x >= 0 for x in (queue, step, samples)):
+    if not (loss is None or _valid_loss(loss)) or not _valid_outer(outer):
+        return None
+    if not 0.0 <= tput <= MAX_THROUGHPUT:  # "not": NaN is refused too
+        return None
+    if not (_valid_count(queue, MAX_QUEUE) and _valid_count(step) and _valid_count(samples)):
         return None
     if not isinstance(maddrs, list) or not all(isinstance(m, str) for m in maddrs):
         return None
     if not isinstance(leaving, bool) or not isinstance(joining, bool) or not isinstance(token, bytes):
         return None
-    return Heartbeat(tput, queue, step, samples, tuple(maddrs), leaving, joining, token)
+    return Heartbeat(tput, queue, step, samples, tuple(maddrs), leaving, joining, token, loss, tuple(outer))
 
 
 @dataclass(frozen=True)

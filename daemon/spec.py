@@ -36,7 +36,7 @@ class PipelineConfig:
     # Largest |x| a stage accepts in the activations and gradients it receives ("norm" beyond): a finite but
     # absurd value (3e38) would overflow to Inf in the next matmul. Raise it for models whose hidden states
     # run larger (some large LLMs show a few activations in the thousands).
-    max_activation: float = 1e4
+    max_activation: float = 1e6
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ OUTER_METHODS = ("noloco", "diloco", "none")
 
 @dataclass(frozen=True)
 class AveragingConfig:
-    """The outer step every ``inner_steps`` inner steps (see swarmd.swarm.noloco and swarmd.swarm.diloco)."""
+    """The outer step every ``inner_steps`` inner steps (see swarmd.swarm.outer and swarmd.swarm.diloco)."""
 
     inner_steps: int = 50  # H
     # NoLoCo. beta = gamma = 1, mu = 0 makes the outer step plain averaging of the pair's weights; it beat the

@@ -50,6 +50,10 @@ SESSION_IDLE_S = 30.0  # a donor forgets a session after this long without a chu
 MAX_DONORS = 2  # replicas a joiner downloads from at once
 REQUESTS_IN_FLIGHT = 2  # chunk requests a joiner keeps open per donor, and the most a donor answers at once per session
 PROGRESS_EVERY_S = 5.0
+# a donor that has not read our joining entry yet answers "unauthorized": members re-read the records at most once
+# a second, and our entry may need a heartbeat period to reach them
+UNAUTHORIZED_RETRIES = 6
+UNAUTHORIZED_RETRY_S = 1.0
 MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 1 << 10, 64 << 20  # what a joiner accepts from a donor's manifest
 
 SnapshotSource = Callable[[], StateSnapshot]  # run on the lane: a consistent copy of the stage state
@@ -301,10 +305,7 @@ class StateDownload:
 
     async def _open_session(self, peer: str) -> _Donor | None:
         try:
-            reply = await self.transport.call(
-                peer, rpc.STATE_MANIFEST, "state_manifest",
-                encode_message("state_manifest_request", {"stage": self.stage}),
-                timeout=MANIFEST_TIMEOUT_S, channel="state", expected_kinds=("state_manifest",))
+            reply = await self._ask_manifest(peer)
             manifest = parse_manifest(peer, reply.fields)
             check_layout(manifest.entries, self.worker.model, self.worker.optimizer, self.with_outer)
         except (ProtocolError, LayoutError) as e:
@@ -317,6 +318,22 @@ class StateDownload:
             self.errors.append(f"{peer[-8:]}: {type(e).__name__}: {e}")
             return None
         return _Donor(manifest)
+
+    async def _ask_manifest(self, peer: str) -> Message:
+        """The donor's manifest. "unauthorized" means it has not read our joining entry yet: ask again a few
+        times, a pause apart, before giving up on it."""
+        retries = 0
+        while True:
+            try:
+                return await self.transport.call(
+                    peer, rpc.STATE_MANIFEST, "state_manifest",
+                    encode_message("state_manifest_request", {"stage": self.stage}),
+                    timeout=MANIFEST_TIMEOUT_S, channel="state", expected_kinds=("state_manifest",))
+            except RemoteError as e:
+                retries += 1
+                if e.reason != "unauthorized" or retries > UNAUTHORIZED_RETRIES:
+                    raise
+            await asyncio.sleep(UNAUTHORIZED_RETRY_S)
 
     def _reject(self, peer: str, reason: str, why: str) -> None:
         """A donor sent something wrong: ban it, count it, say why."""

@@ -1,4 +1,5 @@
-"""``swarmd status``: join the DHT as a client and print the swarm's stages, peers, steps and loss."""
+"""``swarmd status``: join the DHT as a client and print the swarm's stages, peers, steps and loss (as a table, or
+as the status page's JSON document)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from swarmd.daemon.p2p_host import NetworkStartError, create_p2p, peer_id_of
 from swarmd.daemon.peers import PeerTable
 from swarmd.daemon.records import record_signer
 from swarmd.daemon.spec import RunSpec, verify_spec_record
+from swarmd.daemon.status_page import encode_document, status_document
+from swarmd.daemon.swarm_view import swarm_view
 from swarmd.daemon.transport import Transport
 from swarmd.protocols import rpc
 from swarmd.protocols.limits import DEFAULT_LIMITS
@@ -20,20 +23,26 @@ def format_swarm(spec: RunSpec, table: PeerTable) -> str:
     """The status table: one block per stage, one line per live peer."""
     lines = [f"run {spec.run_id!r}: {spec.pipeline.stages} stage(s), model dim {spec.model.dim} x "
              f"{spec.model.n_layers} layers"]
-    for stage in range(spec.pipeline.stages):
-        peers = sorted(table.stage(stage), key=lambda p: p.peer_id)
-        total = sum(sorted(p.throughput for p in peers))
-        lines.append(f"stage {stage}: {len(peers)} peer(s), {total:.1f} samples/s")
-        for p in peers:
-            beat = table.heartbeat(p.peer_id)
-            samples = beat.samples if beat else 0
-            lines.append(f"  {p.peer_id}  step {p.inner_step:>6}  {p.throughput:8.1f} samples/s  "
-                         f"queue {p.queue_depth:>2}  samples {samples}")
+    view = swarm_view([table.serving(s) for s in range(spec.pipeline.stages)])
+    for stage in view.stages:
+        loss = f", loss {stage.loss:.4f}" if stage.loss is not None else ""
+        lines.append(f"stage {stage.stage}: {stage.peers} peer(s), {stage.throughput:.1f} samples/s{loss}")
+        for e in sorted(table.serving(stage.stage), key=lambda e: e.peer_id):
+            b = e.beat
+            loss = f"  loss {b.loss:.4f}" if b.loss is not None else ""
+            lines.append(f"  {e.peer_id}  step {b.inner_step:>6}  {b.throughput:8.1f} samples/s  "
+                         f"queue {b.queue_depth:>2}  samples {b.samples}{loss}")
     return "\n".join(lines)
 
 
-async def run_status(maddrs: list[str], seed_ids: list[str], watch_s: float) -> int:
-    """Print the swarm once, or every ``watch_s`` seconds until interrupted."""
+def status_json(spec: RunSpec, table: PeerTable) -> str:
+    """The status page's document without a node or its history (``"node": null``, ``"history": []``)."""
+    view = swarm_view([table.serving(s) for s in range(spec.pipeline.stages)])
+    return encode_document(status_document(spec.run_id, view)).decode()
+
+
+async def run_status(maddrs: list[str], seed_ids: list[str], watch_s: float, as_json: bool = False) -> int:
+    """Print the swarm once, or every ``watch_s`` seconds until interrupted (JSON: one document a line)."""
     local = all("/ip4/127." in m for m in maddrs)
     p2p = await create_p2p(
         initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0" if local else "/ip4/0.0.0.0/tcp/0"],
@@ -63,11 +72,12 @@ async def run_status(maddrs: list[str], seed_ids: list[str], watch_s: float) -> 
         table = PeerTable(spec.pipeline.stages)
         while True:
             await table.refresh(dht, spec.run_id)
-            print(format_swarm(spec, table), flush=True)
+            print(status_json(spec, table) if as_json else format_swarm(spec, table), flush=True)
             if watch_s <= 0:
                 return 0
             await asyncio.sleep(watch_s)
-            print()
+            if not as_json:
+                print()
     finally:
         if dht is not None:
             await dht.shutdown()

@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 
+import torch
 from hivemind.p2p import P2P, PeerID
 from swarmd.daemon.metrics import NodeMetrics
 from swarmd.daemon.rate_limit import PeerRateLimiter
@@ -37,11 +38,11 @@ OFF_LOOP_DECODE_BYTES = 1 << 20  # frames this large are decoded in a worker thr
 
 
 async def _decode(decode: Callable[..., Message], data: bytes, limits: Limits,
-                  expected_kinds: Collection[str]) -> Message:
+                  expected_kinds: Collection[str], **options: object) -> Message:
     """Decode a frame; a large one (an outer-step chunk: ~10 ms of tensor work) off the event loop."""
     if len(data) < OFF_LOOP_DECODE_BYTES:
-        return decode(data, limits, expected_kinds=expected_kinds)
-    return await asyncio.to_thread(decode, data, limits, expected_kinds=expected_kinds)
+        return decode(data, limits, expected_kinds=expected_kinds, **options)
+    return await asyncio.to_thread(decode, data, limits, expected_kinds=expected_kinds, **options)
 
 
 class Transport:
@@ -97,8 +98,12 @@ class Transport:
     async def serve(
         self, rpc: str, label: str, handler: Handler, expected_kinds: Collection[str], channel: str | None = None,
         on_reject: Callable[[str, ProtocolError], None] | None = None, members_only: bool = True,
+        device: torch.device | str = "cpu", keep_blocks: bool = False,
     ) -> None:
         """Register ``handler`` for ``rpc``: it gets (caller peer id, validated message), returns the reply.
+
+        The request's tensors are decoded straight onto ``device`` (the stage's), and with
+        ``keep_blocks`` float32 tensors of a blockwise codec stay int8/int4 blocks there (decode_message).
 
         With ``members_only`` (every RPC but the spec and info a joiner needs first) a caller that
         ``self.admit`` does not know as a member of the run is refused as "unauthorized" before a byte
@@ -126,7 +131,8 @@ class Transport:
                     if members_only and self.admit is not None and not await self.admit(peer_id):
                         raise ProtocolError("unauthorized", "you are not a member of this run (no valid signed "
                                                             "heartbeat of yours in its records)")
-                    message = await self._receive(rpc, reader, channel, expected_kinds)
+                    message = await self._receive(rpc, reader, channel, expected_kinds,
+                                                  device=device, keep_blocks=keep_blocks)
                     reply = await handler(peer_id, message)
                 except StreamEnded as e:  # the caller went away mid-request (it died?): a drop, not a bad message
                     self.metrics.dropped_requests.inc()
@@ -178,7 +184,7 @@ class Transport:
             raise ProtocolError("busy", f"over {self.limits.peer_requests_per_s:g} requests/s from you; slow down")
 
     async def _receive(self, rpc: str, reader: asyncio.StreamReader, channel: str | None,
-                       expected_kinds: Collection[str]) -> Message:
+                       expected_kinds: Collection[str], **options: object) -> Message:
         """Read and decode one request: its length checked against the RPC's cap before the body is read,
         the prefix and the body each within their deadline, a large frame only with a decode slot."""
         limits = self.limits
@@ -188,7 +194,7 @@ class Transport:
             data = await read_frame_body(reader, length, limits.frame_deadline_s(length))
             if channel is not None:
                 self.metrics.bytes_received.labels(channel).inc(len(data))
-            return await _decode(decode_message, data, limits, expected_kinds)
+            return await _decode(decode_message, data, limits, expected_kinds, **options)
 
     @contextlib.asynccontextmanager
     async def _decode_slot(self, length: int) -> AsyncIterator[None]:

@@ -6,6 +6,7 @@ is imported only when a Triton kernel is actually launched.
 
 from swarmd.kernels.blocks import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, QuantizedBlocks
 from swarmd.kernels.dispatch import (
+    Payload,
     dequantize_int4,
     dequantize_int8,
     dequantize_int8_accumulate,
@@ -19,6 +20,7 @@ from swarmd.kernels.finite import all_finite
 __all__ = [
     "MAX_BLOCK_SIZE",
     "MIN_BLOCK_SIZE",
+    "Payload",
     "QuantizedBlocks",
     "all_finite",
     "dequantize_int4",

@@ -122,22 +122,31 @@ def dequantize_int8_pair_average(
     return _decode(q, 8, out, own, MODE_PAIR_AVERAGE, backend)
 
 
+Payload = QuantizedBlocks | torch.Tensor  # a partner's payload as received: int8/int4 blocks, or float32 values
+
+
 def noloco_outer_update_(
     phi: torch.Tensor,
     theta: torch.Tensor,
     delta: torch.Tensor,
-    partner_phi: QuantizedBlocks | None = None,
-    partner_progress: QuantizedBlocks | None = None,
+    partner_phi: Payload | None = None,
+    partner_progress: Payload | None = None,
     *,
     beta: float = 0.7,
     gamma: float = 0.7,
     mu: float = 0.5,
     backend: str = "auto",
 ) -> None:
-    """Fused NoLoCo outer step, in place on contiguous fp32 ``phi``, ``theta``, ``delta``.
+    """The NoLoCo outer step (the one implementation of the rule), in place on contiguous fp32 ``phi``,
+    ``theta``, ``delta`` (a whole replica, or one chunk of it: the rule is elementwise)::
 
-    The partner's phi and progress arrive as int8 blocks; the result equals
-    ``swarm.noloco.noloco_update`` on the decoded payloads (solo step when both are None).
+        delta <- mu * delta + beta * mean_pair(theta - phi) + gamma * (mean_pair(phi) - phi)
+        phi   <- phi + delta
+        theta <- phi
+
+    The partner's phi and progress (theta - phi) come as received: int8 blocks (one fused pass, Triton on
+    CUDA), or 4-bit blocks or float32 tensors (the torch path, on any device). Both None: a solo step (the
+    pair is the replica alone: no consensus term).
     """
     for name, t in (("theta", theta), ("delta", delta)):
         if t.shape != phi.shape or t.device != phi.device:
@@ -148,11 +157,14 @@ def noloco_outer_update_(
     if (partner_phi is None) != (partner_progress is None):
         raise ValueError("give both partner payloads, or neither")
     for q in (partner_phi, partner_progress):
-        if q is not None:
+        if isinstance(q, QuantizedBlocks):
             check_quantized(q)
-            if q.bits != 8 or q.numel != phi.numel() or q.codes.device != phi.device:
-                raise ValueError("partner payloads must be int8 blocks with phi's numel, on phi's device")
-    if resolve_backend(backend, phi) == "triton":
+            if q.numel != phi.numel() or q.codes.device != phi.device:
+                raise ValueError("partner payloads must have phi's numel, on phi's device")
+        elif q is not None and (q.dtype != torch.float32 or q.numel() != phi.numel() or q.device != phi.device):
+            raise ValueError("partner tensors must be float32 with phi's numel, on phi's device")
+    int8_blocks = all(isinstance(q, QuantizedBlocks) and q.bits == 8 for q in (partner_phi, partner_progress))
+    if (partner_phi is None or int8_blocks) and resolve_backend(backend, phi) == "triton":
         from swarmd.kernels.noloco_triton import noloco_outer_update_triton_
 
         noloco_outer_update_triton_(phi, theta, delta, partner_phi, partner_progress, beta, gamma, mu)

@@ -7,6 +7,9 @@ Quantized codecs (float tensors only) put ``block_size`` in the meta; their payl
 (int8: one byte per element; int4: two elements per byte, low nibble first, stored as code + 8)
 followed by one little-endian float32 scale per block. "int8" is stateless; "int8-ef" and
 "int4-ef" take the caller's error-feedback ``residual`` and hand back the new one.
+
+Encoding runs on the tensor's device and decoding on the receiver's (``device``), through swarmd.kernels;
+only the payload bytes cross between a device and host memory, in ``to_host`` and ``to_device``.
 """
 
 from __future__ import annotations
@@ -50,20 +53,49 @@ class EncodedTensor:
     residual: torch.Tensor | None = None
 
 
-def _raw_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().contiguous().cpu()
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: ship the bit pattern
-        t = t.view(torch.int16)
-    return t.numpy().tobytes()
+# ---- the only two places where tensor bytes cross between a device and host memory ------------------------
+#
+# Everything before ``to_host`` (the finiteness check, quantization, the fp16 cast) runs on the tensor's own
+# device, and everything after ``to_device`` (dequantization, the finiteness check) on the receiver's: on a
+# GPU only the compressed bytes cross the PCIe bus, through pinned staging buffers; on the CPU the same calls
+# run with the torch kernels. Byte order: little-endian, as on every platform torch runs on (the wire's too).
 
 
-def _from_raw(payload: bytes | memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-    if dtype == torch.bfloat16:
-        arr = np.frombuffer(payload, dtype=np.int16)
-        return torch.from_numpy(arr.copy()).view(torch.bfloat16).reshape(shape)
-    np_dtype = torch.empty((), dtype=dtype).numpy().dtype
-    arr = np.frombuffer(payload, dtype=np_dtype)
-    return torch.from_numpy(arr.copy()).reshape(shape)
+def to_host(tensors: list[torch.Tensor]) -> bytes:
+    """The raw bytes of ``tensors`` (each made contiguous), one after the other: a payload for the wire."""
+    flats = [t.detach().contiguous().view(-1).view(torch.uint8) for t in tensors]
+    if not any(f.device.type == "cuda" for f in flats):
+        return b"".join(f.numpy().tobytes() for f in flats)
+    # One pinned buffer (torch's caching host allocator reuses it), filled by async copies, one sync.
+    staging = torch.empty(sum(f.numel() for f in flats), dtype=torch.uint8, pin_memory=True)
+    offset = 0
+    for f in flats:
+        staging[offset : offset + f.numel()].copy_(f, non_blocking=True)
+        offset += f.numel()
+    torch.cuda.current_stream(next(f.device for f in flats if f.device.type == "cuda")).synchronize()
+    return staging.numpy().tobytes()
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A new tensor on ``device`` holding the (host, read-only) ``array`` received from the wire."""
+    if device.type != "cuda":
+        return torch.from_numpy(array.copy()).to(device)  # copy: the payload's buffer is not ours to keep
+    staging = torch.empty(array.shape, dtype=torch.from_numpy(np.empty(0, array.dtype)).dtype, pin_memory=True)
+    staging.numpy()[...] = array
+    return staging.to(device, non_blocking=True)
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
+
+
+def _raw_payload(t: torch.Tensor) -> bytes:
+    return to_host([t])
+
+
+def _from_raw(payload: bytes | memoryview, dtype: torch.dtype, shape: list[int], device: torch.device) -> torch.Tensor:
+    if dtype == torch.bfloat16:  # numpy has no bfloat16: the wire holds its bit pattern
+        return to_device(np.frombuffer(payload, dtype=np.int16), device).view(torch.bfloat16).reshape(shape)
+    return to_device(np.frombuffer(payload, dtype=_NUMPY_DTYPES[dtype]), device).reshape(shape)
 
 
 def encode_tensor(
@@ -73,7 +105,8 @@ def encode_tensor(
     block_size: int = 256,
     residual: torch.Tensor | None = None,
 ) -> EncodedTensor:
-    """Encode ``tensor`` with ``codec``. Raises ValueError on an unknown codec or non-finite floats."""
+    """Encode ``tensor`` with ``codec``, on its device (only the payload bytes leave it).
+    Raises ValueError on an unknown codec or non-finite floats."""
     if tensor.dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype {tensor.dtype} cannot be sent")
     dtype_name = DTYPE_NAMES[tensor.dtype]
@@ -81,11 +114,11 @@ def encode_tensor(
         raise ValueError("refusing to send a tensor with NaN or Inf")
     meta: dict[str, Any] = {"dtype": dtype_name, "shape": list(tensor.shape), "codec": codec}
     if codec == "none":
-        return EncodedTensor(meta, _raw_bytes(tensor))
+        return EncodedTensor(meta, _raw_payload(tensor))
     if codec == "fp16":
         if dtype_name not in FLOAT_DTYPES:
             raise ValueError(f"codec fp16 needs a float tensor, got {dtype_name}")
-        return EncodedTensor(meta, _raw_bytes(tensor.to(torch.float16)))
+        return EncodedTensor(meta, _raw_payload(tensor.to(torch.float16)))
     if codec in QUANT_CODECS:
         if dtype_name not in FLOAT_DTYPES:
             raise ValueError(f"codec {codec} needs a float tensor, got {dtype_name}")
@@ -102,8 +135,7 @@ def _encode_blocks(
     quantize = quantize_int8_ef if bits == 8 else quantize_int4_ef
     q, new_residual = quantize(tensor, residual, block_size=block_size)
     meta["block_size"] = block_size
-    payload = _raw_bytes(q.codes) + q.scales.cpu().numpy().astype(SCALE_DTYPE, copy=False).tobytes()
-    return EncodedTensor(meta, payload, new_residual if error_feedback else None)
+    return EncodedTensor(meta, to_host([q.codes, q.scales]), new_residual if error_feedback else None)
 
 
 def check_meta(meta: Any, limits: Limits) -> tuple[torch.dtype, list[int], int]:
@@ -144,28 +176,44 @@ def _check_block_params(meta: dict[str, Any], codec: str, dtype_name: str) -> No
         raise ProtocolError("codec", f"codec {codec} needs an even block_size, got {block_size}")
 
 
-def decode_tensor(meta: Any, payload: bytes | memoryview, limits: Limits) -> torch.Tensor:
-    """Decode and validate one tensor. Raises ProtocolError with a reason on any inconsistency."""
+def decode_tensor(
+    meta: Any, payload: bytes | memoryview, limits: Limits, *, device: torch.device | str = "cpu",
+    keep_blocks: bool = False,
+) -> torch.Tensor | QuantizedBlocks:
+    """Decode and validate one tensor into a tensor on ``device``. Raises ProtocolError with
+    a reason on any inconsistency.
+
+    With ``keep_blocks``, a float32 tensor sent with a blockwise codec comes back as its ``QuantizedBlocks`` on
+    ``device`` (codes and scales as received, checked so that every value decodes finite), not decoded: the
+    NoLoCo update reads a partner's int8 payload as it is.
+    """
+    device = torch.device(device)
     dtype, shape, numel = check_meta(meta, limits)
     codec = meta["codec"]
     if codec in QUANT_CODECS:
-        return _decode_blocks(meta, payload, dtype, shape, numel)
+        return _decode_blocks(meta, payload, dtype, shape, numel, device, keep_blocks and dtype == torch.float32)
     wire_dtype = torch.float16 if codec == "fp16" else dtype
     if codec == "fp16" and meta["dtype"] not in FLOAT_DTYPES:
         raise ProtocolError("codec", "codec fp16 on a non-float tensor")
     expected = numel * wire_dtype.itemsize
     if len(payload) != expected:
         raise ProtocolError("shape", f"payload is {len(payload)} bytes, shape {shape} needs {expected}")
-    tensor = _from_raw(payload, wire_dtype, shape).to(dtype)
+    tensor = _from_raw(payload, wire_dtype, shape, device).to(dtype)
     if meta["dtype"] in FLOAT_DTYPES and not all_finite(tensor):
         raise ProtocolError("nonfinite", "tensor holds NaN or Inf")
     return tensor
 
 
+_LARGEST_CODE = {8: 128, 4: 8}  # |code| a peer can send: int8 -128..127, a nibble -8..7
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _decode_blocks(
-    meta: dict[str, Any], payload: bytes | memoryview, dtype: torch.dtype, shape: list[int], numel: int
-) -> torch.Tensor:
-    """Decode a quantized payload whose meta already passed check_meta."""
+    meta: dict[str, Any], payload: bytes | memoryview, dtype: torch.dtype, shape: list[int], numel: int,
+    device: torch.device, keep_blocks: bool,
+) -> torch.Tensor | QuantizedBlocks:
+    """Decode a quantized payload whose meta already passed check_meta (the scales are checked on the host:
+    they are few, and came as bytes)."""
     codec, block_size = meta["codec"], meta["block_size"]
     bits = QUANT_CODECS[codec][0]
     n_codes, n_blocks = codes_nbytes(numel, bits), num_blocks(numel, block_size)
@@ -174,14 +222,18 @@ def _decode_blocks(
         raise ProtocolError(
             "shape", f"payload is {len(payload)} bytes, shape {shape} with block_size {block_size} needs {expected}"
         )
-    codes = torch.from_numpy(np.frombuffer(payload, dtype=np.int8 if bits == 8 else np.uint8, count=n_codes).copy())
     scales_np = np.frombuffer(payload, dtype=SCALE_DTYPE, count=n_blocks, offset=n_codes)
     if not np.isfinite(scales_np).all():
         raise ProtocolError("nonfinite", "block scales hold NaN or Inf")
     if (scales_np < 0).any():
         raise ProtocolError("codec", "negative block scale")
-    scales = torch.from_numpy(scales_np.astype(np.float32))  # astype copies into a native, writable array
-    q = QuantizedBlocks(codes, scales, numel, block_size, bits)
+    codes = to_device(np.frombuffer(payload, dtype=np.int8 if bits == 8 else np.uint8, count=n_codes), device)
+    q = QuantizedBlocks(codes, to_device(scales_np.astype(np.float32, copy=False), device), numel, block_size, bits)
+    if keep_blocks:
+        # Every value decodes finite iff no scale times the largest code overflows float32.
+        if n_blocks and float(scales_np.max()) > _FLOAT32_MAX / _LARGEST_CODE[bits]:
+            raise ProtocolError("nonfinite", "a block scale overflows float32 when decoded")
+        return q
     decoded = dequantize_int8(q) if bits == 8 else dequantize_int4(q)
     tensor = decoded.view(shape).to(dtype)
     # Finite scales can still overflow: code * scale past float32, or a cast down to float16.

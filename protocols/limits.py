@@ -45,6 +45,11 @@ class Limits:
     peer_requests_per_s: float = 500.0  # well above a fast pipeline's or a large outer exchange's peak
     peer_request_burst: int = 1000
     max_rate_limited_peers: int = 4096  # peers whose bucket is remembered (the least recently seen go first)
+    # dial-back (`swarmd doctor`), open to non-members: each one starts a throwaway p2pd per address
+    dialback_max_addrs: int = 4  # addresses dialed per request (the rest are answered "skipped")
+    dialback_dial_s: float = 5.0  # one address: start the dialer, dial, handshake
+    dialback_peer_interval_s: float = 30.0  # one dial-back per caller this often ...
+    dialback_per_minute: int = 6  # ... and this many per minute, all callers together (one at a time)
 
     def frame_deadline_s(self, nbytes: int) -> float:
         """How long a frame body of ``nbytes`` may take to arrive (or a reply of that size to be taken)."""

@@ -32,6 +32,10 @@ STATE_DTYPES = frozenset({"float32", "float16", "bfloat16"})
 MB_ID_BYTES = 16
 SESSION_BYTES = 16
 MAX_OUTER_CHUNKS = 1 << 16
+MAX_DIALBACK_MADDRS = 8
+MAX_MADDR_CHARS = 256
+MAX_VERSIONS = 8  # "name=version" strings in an info reply
+MAX_VERSION_CHARS = 64
 MAX_EVAL_LOSS = 1e4  # mean cross-entropy; ln(vocab) is ~10 for a 32k vocabulary
 
 
@@ -81,6 +85,7 @@ _MB_ID = FieldSpec("bytes", exact_len=MB_ID_BYTES)
 _STAGE = FieldSpec("int", lo=0, hi=MAX_STAGE)
 _COUNT = FieldSpec("int", lo=0, hi=INT64_MAX)
 _SESSION = FieldSpec("bytes", exact_len=SESSION_BYTES)
+_MADDR = FieldSpec("str", max_len=MAX_MADDR_CHARS)
 _OUTER_CHUNK = {
     "session": _SESSION,
     "index": FieldSpec("int", lo=0, hi=MAX_OUTER_CHUNKS - 1),
@@ -126,8 +131,17 @@ KINDS: Mapping[str, KindSpec] = MappingProxyType(
                 "stage": FieldSpec("int", nullable=True, lo=0, hi=MAX_STAGE),
                 "inner_step": _COUNT,
                 "protocol": FieldSpec("int", lo=0, hi=INT64_MAX),
+                # for `swarmd doctor`: the node's wall clock (unix seconds) and its software versions
+                "wall_time": FieldSpec("float", required=False, lo=0.0, hi=1e11),
+                "versions": FieldSpec("list", required=False, max_len=MAX_VERSIONS,
+                                      item=FieldSpec("str", max_len=MAX_VERSION_CHARS)),
             }
         ),
+        # the caller's announced addresses, which the asked node dials (the caller's peer id only)
+        "dialback_request": _kind({"maddrs": FieldSpec("list", max_len=MAX_DIALBACK_MADDRS, item=_MADDR)}),
+        # per address, in the request's order: "ok", or why the dial failed
+        "dialback": _kind({"results": FieldSpec("list", max_len=MAX_DIALBACK_MADDRS,
+                                                item=FieldSpec("str", max_len=MAX_ERROR_CHARS))}),
         "spec_request": _kind(),
         "spec": _kind({"record": FieldSpec("bytes", max_len=MAX_SPEC_RECORD_BYTES)}),
         # NoLoCo outer step: a proposal, chunks of (phi, theta - phi) both ways, the driver's verdict

@@ -16,8 +16,11 @@ STATE_CHUNK = "swarmd.state_chunk"
 PAIR = "swarmd.pair"
 OUTER_CHUNK = "swarmd.outer_chunk"
 OUTER_COMMIT = "swarmd.outer_commit"
+DIALBACK = "swarmd.dialback"
 
-ALL_RPCS: tuple[str, ...] = (FORWARD, BACKWARD, EVAL_RESULT, INFO, SPEC, STATE_MANIFEST, STATE_CHUNK, PAIR, OUTER_CHUNK, OUTER_COMMIT)
+ALL_RPCS: tuple[str, ...] = (
+    FORWARD, BACKWARD, EVAL_RESULT, INFO, SPEC, STATE_MANIFEST, STATE_CHUNK, PAIR, OUTER_CHUNK, OUTER_COMMIT, DIALBACK,
+)
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ RPCS: Mapping[str, RpcSpec] = MappingProxyType(
         PAIR: RpcSpec("pair", "pair_request", "ack"),
         OUTER_CHUNK: RpcSpec("outer_chunk", "outer_chunk", "ack"),
         OUTER_COMMIT: RpcSpec("outer_commit", "outer_commit", "ack"),
+        # `swarmd doctor`: dial the caller back at its announced addresses (open to non-members)
+        DIALBACK: RpcSpec("dialback", "dialback_request", "dialback"),
     }
 )
 

@@ -20,6 +20,7 @@ from typing import Any
 import msgpack
 import torch
 
+from swarmd.kernels import QuantizedBlocks
 from swarmd.protocols.codecs import EncodedTensor, decode_tensor
 from swarmd.protocols.errors import ProtocolError
 from swarmd.protocols.limits import DEFAULT_LIMITS, Limits
@@ -59,7 +60,7 @@ class Message:
 
     kind: str
     fields: dict[str, Any]
-    tensors: list[torch.Tensor] = field(default_factory=list)
+    tensors: list[torch.Tensor | QuantizedBlocks] = field(default_factory=list)  # blocks: see decode_message
 
 
 def encode_message(kind: str, fields: dict[str, Any], tensors: Sequence[EncodedTensor] = ()) -> bytes:
@@ -122,9 +123,10 @@ def _check_sizes(sizes: Any, n_tensors: int, body_len: int) -> list[int]:
     return sizes
 
 
-def _decode_one(meta: Any, payload: memoryview, limits: Limits, index: int) -> torch.Tensor:
+def _decode_one(meta: Any, payload: memoryview, limits: Limits, index: int, device: torch.device | str,
+                keep_blocks: bool) -> torch.Tensor | QuantizedBlocks:
     try:
-        return decode_tensor(meta, payload, limits)
+        return decode_tensor(meta, payload, limits, device=device, keep_blocks=keep_blocks)
     except ProtocolError:
         raise
     except Exception as e:
@@ -137,8 +139,15 @@ def decode_message(
     data: bytes | bytearray | memoryview,
     limits: Limits = DEFAULT_LIMITS,
     expected_kinds: Collection[str] | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    keep_blocks: bool = False,
 ) -> Message:
     """Parse and validate one message. Raises ProtocolError with the reason of the first failure.
+
+    Its tensors are decoded on ``device``: the payload bytes are copied there and
+    decompressed there. With ``keep_blocks``, float32 tensors of a blockwise codec stay ``QuantizedBlocks``
+    (see ``decode_tensor``).
 
     Checks, in order: total size, header size, msgpack validity, version, kind (and membership in
     ``expected_kinds`` when given), the kind's header cap, fields and tensor count against the
@@ -187,7 +196,7 @@ def decode_message(
     tensors = []
     offset = body_start
     for i, (meta, size) in enumerate(zip(metas, sizes)):
-        tensors.append(_decode_one(meta, view[offset : offset + size], limits, i))
+        tensors.append(_decode_one(meta, view[offset : offset + size], limits, i, device, keep_blocks))
         offset += size
     return Message(kind, fields, tensors)
 

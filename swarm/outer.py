@@ -1,25 +1,30 @@
 """A replica's outer state (phi, delta) over its flat parameter vector, and the NoLoCo step on it.
 
-No communication here: the daemon (swarmd.daemon.outer) pairs replicas and moves payloads; these
-functions cut the payloads into chunks, check a partner's payload, decide which partners to ban, and
-apply the update.
+No communication here: the daemon (swarmd.daemon.outer_service) pairs replicas and moves payloads; these
+functions cut the payloads into chunks, check a partner's payload, decide which partners to ban, commit the
+error feedback of a payload that was used, and apply the update chunk by chunk through the one
+implementation of the rule, ``swarmd.kernels.noloco_outer_update_`` (Triton on CUDA, torch on the CPU),
+on the partner's chunks as they arrived (int8 blocks on the replica's device).
 
 Training goes on while a replica waits for a partner and exchanges payloads. The update is computed
 from the snapshot ``theta_snap`` taken at the outer boundary (that is what the partner received), and
-the inner progress made since the snapshot is carried over onto the new weights:
-``theta <- phi_new + (theta_now - theta_snap)``. With no inner steps in between this is the reference
-rule ``theta <- phi_new``.
+the daemon carries the inner progress made since the snapshot over onto the new weights:
+``theta <- phi_new + (theta_now - theta_snap)``. With no inner steps in between this is the rule's
+``theta <- phi_new``.
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
-from swarmd.protocols.codecs import QUANT_CODECS, EncodedTensor, encode_tensor
+from swarmd.kernels import Payload, QuantizedBlocks, dequantize_int4, dequantize_int8, noloco_outer_update_
+from swarmd.protocols.codecs import QUANT_CODECS, EncodedTensor, decode_tensor, encode_tensor
+from swarmd.protocols.limits import DEFAULT_LIMITS
 from swarmd.swarm.routing import BanList
 
 
@@ -40,6 +45,17 @@ def assign_flat_(params: Iterable[torch.Tensor], flat: torch.Tensor) -> None:
             n = p.numel()
             p.copy_(flat[offset : offset + n].view_as(p))
             offset += n
+
+
+class Replica(Protocol):
+    """The weights an outer step reads and writes, as one flat float32 vector on the replica's device (called
+    on the compute lane)."""
+
+    def read_flat(self) -> torch.Tensor:
+        """A new flat copy of the weights: the outer step keeps it and uses it as scratch space."""
+        ...
+
+    def write_flat(self, flat: torch.Tensor) -> None: ...
 
 
 class ParameterReplica:
@@ -106,13 +122,14 @@ class OuterState:
 def encode_payload(
     state: OuterState, theta: torch.Tensor, bounds: Sequence[tuple[int, int]], codec: str, block_size: int
 ) -> list[tuple[EncodedTensor, EncodedTensor]]:
-    """A replica's outer payload, (phi, theta - phi) per chunk of ``bounds``, through the averaging codec.
+    """A replica's outer payload, (phi, theta - phi) per chunk of ``bounds``, through the averaging codec, on
+    the replica's device (only the encoded bytes leave it). One chunk's progress at a time: no model-sized
+    temporary.
 
-    Error-feedback codecs add the state's residuals and store the new ones (the residual buffers are
-    created on first use). One chunk's progress at a time: no model-sized temporary.
+    Error-feedback codecs add the state's residuals, but the new residuals are not kept here: they are
+    committed by ``commit_residuals`` once the partner used the payload (a solo or failed step leaves them
+    as they were, so that what is carried forward is the error of what a partner actually received).
     """
-    if codec in QUANT_CODECS and QUANT_CODECS[codec][1] and state.residual_phi is None:
-        state.residual_phi, state.residual_progress = torch.zeros_like(state.phi), torch.zeros_like(state.phi)
     chunks = []
     for start, end in bounds:
         pair = []
@@ -120,30 +137,60 @@ def encode_payload(
         for tensor, residual in ((state.phi[start:end], state.residual_phi), (progress, state.residual_progress)):
             part = residual[start:end] if residual is not None else None
             encoded = encode_tensor(tensor, codec, block_size=block_size, residual=part)
-            if residual is not None:
-                residual[start:end] = encoded.residual.view(-1)
+            encoded.residual = None  # not kept with the payload: 2 fp32 model-sized copies per replica otherwise
             pair.append(encoded)
         chunks.append((pair[0], pair[1]))
     return chunks
+
+
+def commit_residuals(
+    state: OuterState, theta: torch.Tensor, bounds: Sequence[tuple[int, int]],
+    chunks: Sequence[tuple[EncodedTensor, EncodedTensor]],
+) -> None:
+    """Keep the error feedback of a payload the partner used: residual <- (x + residual) - decoded(sent), per
+    chunk, where x is what ``encode_payload`` encoded from the same ``state`` and ``theta`` (call this before
+    the outer step changes phi). The sent bytes are decoded on the replica's device as the partner decoded
+    them, so the residual is the error of what it received. No-op for codecs without error feedback."""
+    codec = chunks[0][0].meta["codec"] if chunks else "none"
+    if not (codec in QUANT_CODECS and QUANT_CODECS[codec][1]):
+        return
+    if state.residual_phi is None:  # created on first use
+        state.residual_phi, state.residual_progress = torch.zeros_like(state.phi), torch.zeros_like(state.phi)
+    for (start, end), sent in zip(bounds, chunks):
+        phi = state.phi[start:end]
+        progress = theta[start:end] - phi
+        for x, residual, encoded in ((phi, state.residual_phi, sent[0]), (progress, state.residual_progress, sent[1])):
+            part = residual[start:end]
+            part.add_(x)  # x + residual: the quantizer's input, computed as it did
+            part.sub_(decode_tensor(encoded.meta, encoded.payload, DEFAULT_LIMITS, device=phi.device).view(-1))
 
 
 _SUM_PIECE = 1 << 16  # elements per float64 piece: the converted copy stays in cache
 
 
 def sum_of_squares(x: torch.Tensor) -> float:
-    """Sum of squares of ``x`` accumulated in float64 (no float32 overflow or cancellation), converting
-    one cache-sized piece at a time rather than the whole tensor (3x faster than one big copy at 1M)."""
-    total = 0.0
+    """Sum of squares of ``x`` accumulated in float64 (no float32 overflow or cancellation), on ``x``'s device,
+    converting one cache-sized piece at a time rather than the whole tensor (3x faster than one big copy at
+    1M); one scalar comes back to the host."""
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
     for piece in x.reshape(-1).split(_SUM_PIECE):
         piece = piece.double()
-        total += float(torch.dot(piece, piece))
-    return total
+        total += torch.dot(piece, piece)
+    return float(total)
 
 
-def payload_sums(own_phi: torch.Tensor, phi: torch.Tensor, progress: torch.Tensor) -> tuple[float, float]:
-    """(||progress||^2, ||phi - own_phi||^2) of (a chunk of) a partner's payload, in float64. ``own_phi``
-    is our phi over the same elements. Summed over the chunks, they are what ``payload_problem`` judges."""
-    return sum_of_squares(progress), sum_of_squares(phi - own_phi)
+def payload_values(payload: Payload) -> torch.Tensor:
+    """A received chunk's values as a flat float32 tensor on its device (blocks decoded: a chunk-sized temporary)."""
+    if isinstance(payload, QuantizedBlocks):
+        return dequantize_int8(payload) if payload.bits == 8 else dequantize_int4(payload)
+    return payload.reshape(-1)
+
+
+def payload_sums(own_phi: torch.Tensor, phi: Payload, progress: Payload) -> tuple[float, float]:
+    """(||progress||^2, ||phi - own_phi||^2) of (a chunk of) a partner's payload, in float64, on our device.
+    ``own_phi`` is our phi over the same elements. Summed over the chunks, they are what ``payload_problem``
+    judges."""
+    return sum_of_squares(payload_values(progress)), sum_of_squares(payload_values(phi) - own_phi)
 
 
 def payload_problem(
@@ -185,7 +232,7 @@ class PartnerBans:
 
     Its clock is the replica's own outer step count: a ban takes ``ban_steps`` of our outer steps (that many
     chances to pair), doubling for each repeat up to ``BAN_MAX_FACTOR`` x. Each exchange ends in one of
-    ``OUTCOMES``; ``settle`` applies the rule. The daemon (swarmd.daemon.outer) and bench/poisoning.py
+    ``OUTCOMES``; ``settle`` applies the rule. The daemon (swarmd.daemon.outer_service) and bench/poisoning.py
     both go through it.
     """
 
@@ -228,95 +275,59 @@ class PartnerBans:
         return ("rejected" if outcome == "rejected" else "failed"), ban
 
 
-PIECE = 1 << 18  # elements per piece of the outer step: every op of a piece runs while it is in cache
-
-Chunks = torch.Tensor | Sequence[torch.Tensor]  # one flat tensor, or consecutive chunks of one
+PIECE = 1 << 20  # elements per call of the update on a solo step (its torch path's temporaries stay this size)
 
 
-def _as_chunks(numel: int, chunks: Chunks, what: str) -> list[torch.Tensor]:
-    """``chunks`` as a list of flat tensors covering exactly ``numel`` elements."""
-    chunks = [chunks] if isinstance(chunks, torch.Tensor) else list(chunks)
-    if sum(c.numel() for c in chunks) != numel:
-        raise ValueError(f"{what} covers {sum(c.numel() for c in chunks)} elements, the replica {numel}")
-    return [c.view(-1) for c in chunks]
-
-
-def _spans(numel: int, *chunked: list[torch.Tensor] | None) -> Iterator[tuple[int, int, list[torch.Tensor | None]]]:
-    """[start, end) pieces of at most PIECE elements that never straddle a chunk of the (equally chunked)
-    lists in ``chunked``, with each list's piece (None for a None list)."""
-    reference = next((c for c in chunked if c is not None), None)
-    sizes = [c.numel() for c in reference] if reference is not None else [numel]
-    if any(c is not None and [t.numel() for t in c] != sizes for c in chunked):
-        raise ValueError("partner_phi and partner_progress must be chunked alike")
-    offset = 0
-    for index, size in enumerate(sizes):
-        for lo in range(0, size, PIECE):
-            hi = min(lo + PIECE, size)
-            yield offset + lo, offset + hi, [None if c is None else c[index][lo:hi] for c in chunked]
-        offset += size
+def _numel(payload: Payload) -> int:
+    return payload.numel if isinstance(payload, QuantizedBlocks) else payload.numel()
 
 
 def outer_step_(
     state: OuterState,
-    theta_snap: torch.Tensor,
-    theta_now: torch.Tensor,
-    partner_phi: Chunks | None = None,
-    partner_progress: Chunks | None = None,
+    theta: torch.Tensor,
+    partner: Sequence[tuple[Payload, Payload]] | None = None,
     *,
     beta: float,
     gamma: float,
     mu: float,
     max_move: float = math.inf,
-) -> torch.Tensor:
-    """Apply one NoLoCo outer step to ``state`` (paired, or solo without partner tensors), in place.
+) -> None:
+    """Apply one NoLoCo outer step to ``state`` and the flat weights ``theta`` (the snapshot the payload was
+    taken from), in place: paired with ``partner``'s (phi, progress) chunks, consecutive, as they arrived
+    (int8 blocks or float32, on the replica's device), or solo without. ``theta`` ends as the new phi.
 
-    The rule is ``swarmd.swarm.noloco.noloco_update``; here it runs on the buffers it is given, with no
-    temporaries the size of the model (at 50M parameters a copy is 200 MB, and a replica holds several),
-    one cache-sized piece at a time. The partner's tensors may be flat or a sequence of consecutive
-    chunks (as they arrived). ``theta_snap``, ``theta_now`` and the partner tensors are consumed as
-    scratch space. Returns the new flat weights ``phi_new + (theta_now - theta_snap)`` (in ``theta_now``'s
-    buffer).
+    The rule is ``swarmd.kernels.noloco_outer_update_``, run chunk by chunk: no temporary the size of the
+    model (at 125M parameters a copy is 500 MB, and a replica holds several).
 
-    The move of phi (the new delta) is clipped to ``max_move`` x ||phi||: whatever a partner's payload
+    The move of phi (the new delta) is then clipped to ``max_move`` x ||phi||: whatever a partner's payload
     got past ``payload_problem``, one outer step cannot carry phi far. The factor applied is kept in
     ``state.move_scale`` (1: not clipped); the clipped delta is the momentum carried on.
     """
-    if (partner_phi is None) != (partner_progress is None):
-        raise ValueError("give both partner_phi and partner_progress, or neither")
     phi, delta, numel = state.phi, state.delta, state.numel
-    own = [theta_snap, theta_now, phi, delta]
-    if len({t.data_ptr() for t in own}) != len(own) or any(t.numel() != numel for t in own):
-        raise ValueError("outer_step_ works in place: every tensor must be its own buffer of the replica's size")
-    partner = None
-    if partner_phi is not None:
-        partner = (_as_chunks(numel, partner_phi, "partner_phi"), _as_chunks(numel, partner_progress, "partner_progress"))
-        taken = {t.data_ptr() for t in own}
-        if any(c.data_ptr() in taken for chunks in partner for c in chunks):
-            raise ValueError("outer_step_ works in place: the partner tensors must be their own buffers")
-    snap, now = theta_snap.view(-1), theta_now.view(-1)
-    # Pass 1: the new delta, and the norms that decide the clip (the whole move must be known first).
-    phi_sq = move_sq = 0.0
-    for start, end, (p_phi, p_progress) in _spans(numel, *(partner or (None, None))):
-        ph, de = phi[start:end], delta[start:end]
-        now[start:end].sub_(snap[start:end])  # inner progress made since the snapshot (the drift)
-        mean_progress = snap[start:end].sub_(ph)  # our theta - phi ...
-        if p_progress is not None:
-            mean_progress.add_(p_progress).mul_(0.5)  # ... averaged over the pair
-        de.mul_(mu).add_(mean_progress, alpha=beta)
-        if p_phi is not None:
-            de.add_(p_phi.sub_(ph).mul_(0.5), alpha=gamma)  # gamma * (mean_pair(phi) - phi)
-        phi_sq += sum_of_squares(ph)
-        move_sq += sum_of_squares(de)
-    move = math.sqrt(move_sq)
-    bound = max_move * math.sqrt(phi_sq) if math.isfinite(max_move) else math.inf
+    if theta.numel() != numel or not theta.is_contiguous() or theta.data_ptr() in (phi.data_ptr(), delta.data_ptr()):
+        raise ValueError("outer_step_ works in place: theta must be its own contiguous buffer of the replica's size")
+    theta = theta.view(-1)
+    if partner is None:
+        pieces = [(start, end, None, None) for start, end in chunk_bounds(numel, PIECE)]
+    else:
+        pieces, start = [], 0
+        for p_phi, p_progress in partner:
+            if _numel(p_phi) != _numel(p_progress):
+                raise ValueError("the partner's phi and progress chunks must be cut alike")
+            pieces.append((start, start + _numel(p_phi), p_phi, p_progress))
+            start += _numel(p_phi)
+        if start != numel:
+            raise ValueError(f"the partner's chunks cover {start} elements, the replica {numel}")
+    phi_norm = math.sqrt(sum_of_squares(phi)) if math.isfinite(max_move) else math.inf
+    for start, end, p_phi, p_progress in pieces:
+        noloco_outer_update_(phi[start:end], theta[start:end], delta[start:end], p_phi, p_progress,
+                             beta=beta, gamma=gamma, mu=mu)
+    move = math.sqrt(sum_of_squares(delta)) if math.isfinite(max_move) else 0.0
+    bound = max_move * phi_norm
     scale = bound / move if move > bound else 1.0
-    # Pass 2: phi <- phi + scale * delta, and the weights phi_new + drift.
-    for start in range(0, numel, PIECE):
-        ph, de = phi[start : start + PIECE], delta[start : start + PIECE]
-        if scale != 1.0:
-            de.mul_(scale)
-        ph.add_(de)
-        now[start : start + PIECE].add_(ph)
+    if scale != 1.0:  # phi_old + delta -> phi_old + scale * delta (rare: only a hostile or broken partner)
+        phi.sub_(delta, alpha=1.0 - scale)
+        delta.mul_(scale)
+        theta.copy_(phi)
     state.outer_step += 1
     state.move_scale = scale
-    return theta_now

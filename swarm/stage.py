@@ -17,7 +17,6 @@ from the network is checked (unknown, duplicate and expired microbatches are cle
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -94,7 +93,8 @@ class StageWorker:
     Every ``microbatches_per_step`` completed backward passes, the accumulated gradients are averaged,
     clipped to ``grad_clip`` (per stage: each stage only sees its own parameters) and applied, once a
     weight stash is free for the microbatches still in flight (see the module's docstring).
-    Tensors returned to the caller are detached and on the CPU, ready for the wire.
+    Tensors returned to the caller are detached and stay on the stage's device: the codec compresses them there
+    (swarmd.protocols.codecs), and only the compressed bytes reach host memory.
     """
 
     def __init__(
@@ -181,7 +181,8 @@ class StageWorker:
     # ----------------------------------------------------------------------------------- compute
 
     def forward(self, mb_id: bytes, inputs: torch.Tensor, deadline: float) -> torch.Tensor:
-        """No-grad forward; keeps ``inputs`` under ``mb_id`` until ``backward`` or ``deadline``.
+        """No-grad forward; keeps ``inputs`` under ``mb_id`` until ``backward`` or ``discard`` (the pipeline
+        discards a microbatch past its ``deadline``).
 
         Raises ValueError for bad inputs or an ``mb_id`` already in flight (a duplicate must not overwrite
         the inputs another backward will need).
@@ -194,13 +195,13 @@ class StageWorker:
             outputs = self.model(inputs)
         self._pending[mb_id] = _Pending(inputs, deadline, self.inner_step, self.version)
         self._pending_per_version[self.version] += 1
-        return outputs.detach().cpu()
+        return outputs.detach()
 
     @torch.no_grad()
     def infer(self, inputs: torch.Tensor) -> torch.Tensor:
         """Forward without keeping anything (evaluation)."""
         self.check_input(inputs)
-        return self.model(inputs.to(self.device)).cpu()
+        return self.model(inputs.to(self.device))
 
     def backward(self, mb_id: bytes, grad_output: torch.Tensor) -> torch.Tensor | None:
         """Backprop ``grad_output`` through the stored microbatch ``mb_id``; returns the input gradient
@@ -234,7 +235,7 @@ class StageWorker:
                 grads = torch.autograd.grad(outputs, leaves, grad_output.to(device=self.device, dtype=outputs.dtype))
         finally:
             self._drop_unused_stash(pending.version)
-        grad_input = None if self.is_first else grads[0].detach().cpu()
+        grad_input = None if self.is_first else grads[0].detach()
         for param, grad in zip(self._params.values(), grads[len(leaves) - len(weights):]):
             if param.grad is None:
                 param.grad = grad
@@ -262,7 +263,7 @@ class StageWorker:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()}: microbatch dropped")
             loss.backward()
-        grad_input = None if self.is_first else inputs.grad.detach().cpu()
+        grad_input = None if self.is_first else inputs.grad.detach()
         self.last_staleness = 0
         self._finish_microbatch(*inputs.shape[:2])
         return float(loss.item()), grad_input
@@ -341,53 +342,6 @@ class StageWorker:
         self._drop_unused_stash(pending.version)
         self._step_if_due()  # a step may have waited for this microbatch's stash
         return True
-
-    def expire(self, now: float) -> int:
-        """Drop stored microbatches whose deadline has passed (``deadline < now``); returns how many."""
-        stale = [mb_id for mb_id, pending in self._pending.items() if pending.deadline < now]
-        for mb_id in stale:
-            self.discard(mb_id)
-        return len(stale)
-
-    # ----------------------------------------------------------------------------------- state
-
-    def state_dict(self) -> dict[str, Any]:
-        """A snapshot (deep copy) of model + optimizer + counters, for a peer joining this stage to download.
-
-        Copies, not views: the snapshot stays consistent while this worker keeps stepping in place.
-        """
-        return copy.deepcopy(
-            {
-                "stage": self.model.stage,
-                "num_stages": self.model.num_stages,
-                "layers": (self.model.layer_start, self.model.layer_end),
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "inner_step": self.inner_step,
-                "samples_processed": self.samples_processed,
-                "tokens_processed": self.tokens_processed,
-            }
-        )
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load a ``state_dict`` from a peer of the same stage; drops in-flight microbatches and partial grads."""
-        mine = (self.model.stage, self.model.num_stages, (self.model.layer_start, self.model.layer_end))
-        theirs = (state.get("stage"), state.get("num_stages"), tuple(state.get("layers", ())))
-        if mine != theirs:
-            raise ValueError(f"state is for (stage, num_stages, layers) = {theirs}, this worker serves {mine}")
-        self.model.load_state_dict(state["model"])
-        # AdamW would keep the given state tensors as they are (same device/dtype): copy, never share.
-        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
-        self.inner_step = int(state["inner_step"])
-        self.samples_processed = int(state.get("samples_processed", 0))
-        self.tokens_processed = int(state.get("tokens_processed", 0))
-        # Activations and gradients computed with the old weights no longer match the new ones.
-        self._pending.clear()
-        self._pending_per_version.clear()
-        self._stashes.clear()
-        self.version += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        self._accumulated = 0
 
 
 def _show(mb_id: Any) -> str:

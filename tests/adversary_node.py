@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-import swarmd.daemon.outer as outer
+import swarmd.daemon.outer_exchange as exchange
+import swarmd.daemon.outer_service as outer
 import swarmd.swarm.outer as payloads  # encode_payload: what a replica sends in an outer step
 from swarmd.daemon import cli
 from swarmd.protocols import rpc
@@ -63,7 +64,7 @@ def main() -> int:
         async def propose_from_off_the_board(self):
             deadline = time.monotonic() + self.config.pair_timeout_s
             while time.monotonic() < deadline:
-                for peer in await self._read_board():
+                for peer in await self.board.read(self.state.numel):
                     request = encode_message("pair_request", {"session": os.urandom(16), "stage": self.stage,
                                                               "numel": self.state.numel})
                     try:
@@ -75,14 +76,14 @@ def main() -> int:
 
         outer.NoLoCoService.outer_step = propose_from_off_the_board
     elif mode == "hang":
-        store, marker = outer._Exchange.store, _node_dir(args) / "hung"
+        store, marker = exchange.Exchange.store, _node_dir(args) / "hung"
 
         def store_then_hang(self, *a, **kw):
             store(self, *a, **kw)
             marker.write_text("hung mid-exchange\n")
             time.sleep(3600)  # blocks the event loop: the node stops answering anyone
 
-        outer._Exchange.store = store_then_hang
+        exchange.Exchange.store = store_then_hang
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     return cli.main(args)

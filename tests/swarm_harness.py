@@ -13,7 +13,7 @@ from pathlib import Path
 
 from swarmd.daemon.demo import SUMMARY_RE, Child, read_metrics, start_child, stop_children, wait_ready  # noqa: F401 (tests import SUMMARY_RE from here)
 
-LOCAL = ["--host", "127.0.0.1", "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--progress-every", "2"]
+LOCAL = ["--host", "127.0.0.1", "--no-nat-traversal", "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--progress-every", "2"]
 
 
 def write_spec(path: Path, *, deadline_s: float = 60.0, hop_timeout_s: float = 10.0, stages: int = 2,

@@ -264,6 +264,7 @@ def valid_request(name: str, me: str) -> tuple[dict[str, Any], list]:
         rpc.OUTER_CHUNK: ({"session": SESSION, "index": 0, "count": 1, "numel": 100},
                           [encode_tensor(torch.randn(100), "int8-ef"), encode_tensor(torch.randn(100), "none")]),
         rpc.OUTER_COMMIT: ({"session": SESSION, "verdict": "accept"}, []),
+        rpc.DIALBACK: ({"maddrs": []}, []),  # nothing to dial: the node answers at once (or "busy")
     }[name]
 
 
@@ -481,7 +482,7 @@ def test_tensor_level_fuzz(target: Target, case: Case):
 def test_nonfinite_and_absurd_activations_are_refused_at_the_door(target: Target):
     me = target.client.peer_id
     for value, want in ((float("nan"), "nonfinite"), (float("inf"), "nonfinite"), (3e38, "norm"), (-3e38, "norm"),
-                        (2e4, "norm"), (1e3, "ok")):
+                        (2e6, "norm"), (1e3, "ok")):
         fields = {"mb_id": os.urandom(16), "stage": STAGE, "route": [me], "deadline_s": 5.0}
         tensors = forward_tensors(value=value)
         data = raw_message(header_of("forward", fields, tensors), [t.payload for t in tensors])
@@ -615,6 +616,8 @@ def test_a_non_member_is_unauthorized(target: Target):
             reply = target.loop.run(outsider.send(name, encode_message(rpc.RPCS[name].request_kind, fields, tensors)))
             if name in (rpc.INFO, rpc.SPEC):
                 assert reply == "ok", name
+            elif name == rpc.DIALBACK:  # open to would-be volunteers too (`swarmd doctor`), and rate-limited
+                assert reply in ("ok", "busy"), name
             else:
                 assert reply == "unauthorized", name
     finally:

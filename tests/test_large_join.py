@@ -58,6 +58,7 @@ def stage_state_bytes(spec: RunSpec, stage: int) -> int:
     return state_bytes(stage_layout(worker.model, worker.optimizer, True, True))
 
 
+@pytest.mark.timeout(480)  # two 1.2 GiB downloads and a 125M model's first steps on 2 loaded cores
 def test_joiners_stream_a_stage_of_over_a_gibibyte_and_survive_a_dead_donor(tmp_path: Path, swarm_env: dict[str, str]):
     spec_path = tmp_path / "large.toml"
     spec_path.write_text(SPEC)

@@ -15,7 +15,9 @@ from swarmd.protocols import rpc
 from swarmd.protocols.codecs import encode_tensor
 from swarmd.protocols.errors import ProtocolError
 from swarmd.protocols.limits import DEFAULT_LIMITS, Limits, RunShape, request_frame_caps
-from swarmd.protocols.messages import INT64_MAX, KINDS, MAX_OUTER_CHUNKS, MAX_STAGE, MAX_STATE_CHUNKS
+from swarmd.protocols.messages import (
+    INT64_MAX, KINDS, MAX_DIALBACK_MADDRS, MAX_MADDR_CHARS, MAX_OUTER_CHUNKS, MAX_STAGE, MAX_STATE_CHUNKS,
+)
 from swarmd.protocols.wire import encode_message, read_frame
 from swarmd.swarm.routing import BanList
 from swarmd.swarm.stage import check_magnitude
@@ -42,6 +44,7 @@ def test_requests_without_tensors_get_the_small_cap_and_the_largest_valid_one_fi
         rpc.STATE_CHUNK: encode_message("state_chunk_request", {"session": SESSION, "index": MAX_STATE_CHUNKS - 1}),
         rpc.PAIR: encode_message("pair_request", {"session": SESSION, "stage": MAX_STAGE, "numel": INT64_MAX}),
         rpc.OUTER_COMMIT: encode_message("outer_commit", {"session": SESSION, "verdict": "reject"}),
+        rpc.DIALBACK: encode_message("dialback_request", {"maddrs": ["m" * MAX_MADDR_CHARS] * MAX_DIALBACK_MADDRS}),
     }
     for name, message in largest.items():
         assert len(message) <= caps[name], name
@@ -196,10 +199,10 @@ def test_check_magnitude_refuses_absurd_values_only():
 
 def test_max_activation_is_a_pipeline_field_with_a_sane_default():
     spec = RunSpec.load(DEFAULT_SPEC_PATH)
-    assert spec.pipeline.max_activation == 1e4
+    assert spec.pipeline.max_activation == 1e6  # far above a trained LLM's residual stream, far below fp32 trouble
     raw = spec.to_dict()
     raw["pipeline"]["max_activation"] = 0.5
     with pytest.raises(SpecError, match="max_activation"):
         RunSpec.from_dict(raw)
-    raw["pipeline"]["max_activation"] = 1e6
-    assert RunSpec.from_dict(raw).pipeline.max_activation == 1e6
+    raw["pipeline"]["max_activation"] = 1e4
+    assert RunSpec.from_dict(raw).pipeline.max_activation == 1e4

@@ -23,6 +23,8 @@ VALID: dict[str, tuple[dict, int]] = {
     "info_request": ({}, 0),
     "info": ({"run_id": "run-1", "peer_id": "12D3KooW", "stage": None, "inner_step": 7, "protocol": 1}, 0),
     "spec_request": ({}, 0),
+    "dialback_request": ({"maddrs": ["/ip4/203.0.113.7/tcp/31337/p2p/12D3KooW"]}, 0),
+    "dialback": ({"results": ["ok"]}, 0),
     "spec": ({"record": b"\x00signed"}, 0),
     "state_manifest_request": ({"stage": 2}, 0),
     "state_manifest": ({"stage": 2, "session": bytes(16), "inner_step": 5, "outer_step": 1, "chunk_bytes": 1 << 24,
@@ -251,11 +253,12 @@ def test_schemas_are_read_only():
 def test_rpc_names_and_labels():
     assert rpc.ALL_RPCS == (rpc.FORWARD, rpc.BACKWARD, rpc.EVAL_RESULT, rpc.INFO, rpc.SPEC, rpc.STATE_MANIFEST,
                             rpc.STATE_CHUNK, rpc.PAIR,
-                            rpc.OUTER_CHUNK, rpc.OUTER_COMMIT)
+                            rpc.OUTER_CHUNK, rpc.OUTER_COMMIT, rpc.DIALBACK)
     assert len(set(rpc.ALL_RPCS)) == len(rpc.ALL_RPCS)
     assert all(name.startswith("swarmd.") for name in rpc.ALL_RPCS)
     assert [rpc.metric_label(n) for n in rpc.ALL_RPCS] == [
-        "forward", "backward", "eval_result", "info", "spec", "state_manifest", "state_chunk", "pair", "outer_chunk", "outer_commit"]
+        "forward", "backward", "eval_result", "info", "spec", "state_manifest", "state_chunk", "pair", "outer_chunk", "outer_commit",
+        "dialback"]
     assert dict(rpc.METRIC_LABELS) == {n: rpc.metric_label(n) for n in rpc.ALL_RPCS}
     for spec in rpc.RPCS.values():
         assert spec.request_kind in KINDS and spec.reply_kind in KINDS

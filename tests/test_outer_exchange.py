@@ -1,4 +1,4 @@
-"""One outer step's exchange record (swarmd.daemon.outer._Exchange): storing a partner's chunks, judging its
+"""One outer step's exchange record (swarmd.daemon.outer_exchange.Exchange): storing a partner's chunks, judging its
 payload against our phi and progress, knowing when it is complete or has stalled, forgetting a would-be
 partner, and the first failure winning. And when outer steps run (run_at_boundaries)."""
 
@@ -10,7 +10,8 @@ import time
 
 import pytest
 import torch
-from swarmd.daemon.outer import _Exchange, _Failed, _settle, _Stalled, run_at_boundaries
+from swarmd.daemon.boundaries import run_at_boundaries
+from swarmd.daemon.outer_exchange import Exchange, Failed, Stalled, settle
 from swarmd.daemon.spec import AveragingConfig
 from swarmd.protocols.errors import ProtocolError
 from swarmd.swarm.outer import chunk_bounds
@@ -18,15 +19,15 @@ from swarmd.swarm.outer import chunk_bounds
 CONFIG = AveragingConfig(max_divergence=1.0, max_distance_ratio=5.0, max_progress_ratio=2.0)
 
 
-def _exchange(numel: int = 10, chunk: int = 4, own_progress: float = 1.0) -> _Exchange:
+def _exchange(numel: int = 10, chunk: int = 4, own_progress: float = 1.0) -> Exchange:
     """Our phi is all ones (norm sqrt(numel)), our progress norm ``own_progress``."""
     bounds = chunk_bounds(numel, chunk)
-    return _Exchange(numel=numel, bounds=bounds, own_chunks=[], own_phi=torch.ones(numel),
+    return Exchange(numel=numel, bounds=bounds, own_chunks=[], own_phi=torch.ones(numel),
                      own_phi_norm=math.sqrt(numel), own_progress_norm=own_progress, theta_snap=torch.zeros(numel),
                      partner_phi=[None] * len(bounds), partner_progress=[None] * len(bounds))
 
 
-def _chunk(ex: _Exchange, index: int, value: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk(ex: Exchange, index: int, value: float) -> tuple[torch.Tensor, torch.Tensor]:
     start, end = ex.bounds[index]
     return torch.full((end - start,), value), torch.full((end - start,), -value)
 
@@ -43,7 +44,7 @@ def test_complete_once_every_chunk_arrived_in_any_order():
         ex.store(1, *_chunk(ex, 1, 1.0))
 
 
-def _partner(phi: float, progress: float, own_progress: float = 1.0) -> _Exchange:
+def _partner(phi: float, progress: float, own_progress: float = 1.0) -> Exchange:
     ex = _exchange(own_progress=own_progress)
     for index, (start, end) in enumerate(ex.bounds):
         ex.store(index, torch.full((end - start,), phi), torch.full((end - start,), progress))
@@ -78,11 +79,11 @@ def test_forget_partner_also_forgets_its_failure():
     async def scenario() -> None:
         ex = _exchange()
         ex.failure = asyncio.get_running_loop().create_future()
-        ex.fail(_Failed("bad chunk from the would-be partner"))
+        ex.fail(Failed("bad chunk from the would-be partner"))
         ex.forget_partner()
         assert not ex.failure.done()
         ex.complete.set()
-        await asyncio.wait_for(_settle(ex, ex.complete.wait()), 5)
+        await asyncio.wait_for(settle(ex, ex.complete.wait()), 5)
 
     asyncio.run(scenario())
 
@@ -93,31 +94,31 @@ def test_settle_raises_the_first_failure_and_waits_for_everything_otherwise():
         ex = _exchange()
         ex.failure = loop.create_future()
         slow = asyncio.ensure_future(asyncio.sleep(30))
-        loop.call_later(0.01, ex.fail, _Failed("partner gone"))
-        with pytest.raises(_Failed, match="partner gone"):
-            await asyncio.wait_for(_settle(ex, slow, None), 5)
+        loop.call_later(0.01, ex.fail, Failed("partner gone"))
+        with pytest.raises(Failed, match="partner gone"):
+            await asyncio.wait_for(settle(ex, slow, None), 5)
         assert slow.cancelled()  # what was still pending is stopped
-        ex.fail(_Failed("a later failure"))
-        with pytest.raises(_Failed, match="partner gone"):  # the first failure stays
+        ex.fail(Failed("a later failure"))
+        with pytest.raises(Failed, match="partner gone"):  # the first failure stays
             ex.failure.result()
 
         ok = _exchange()
         ok.failure = loop.create_future()
         loop.call_later(0.01, ok.complete.set)
-        await asyncio.wait_for(_settle(ok, asyncio.sleep(0.02), ok.complete.wait(), None), 5)
+        await asyncio.wait_for(settle(ok, asyncio.sleep(0.02), ok.complete.wait(), None), 5)
         assert ok.complete.is_set() and not ok.failure.done()
 
     asyncio.run(scenario())
 
 
 def test_watch_stall_raises_when_the_partner_sends_nothing():
-    """No chunk for the timeout (from pairing, then from each chunk): _Stalled. Chunks that keep coming, or
+    """No chunk for the timeout (from pairing, then from each chunk): Stalled. Chunks that keep coming, or
     a payload complete in time, keep it quiet."""
     async def scenario() -> None:
         ex = _exchange()
         ex.last_arrival = time.monotonic()
         started = time.monotonic()
-        with pytest.raises(_Stalled, match="0 of 3"):
+        with pytest.raises(Stalled, match="0 of 3"):
             await asyncio.wait_for(ex.watch_stall(0.2), 5)
         assert 0.15 < time.monotonic() - started < 2
 
@@ -135,7 +136,7 @@ def test_watch_stall_raises_when_the_partner_sends_nothing():
         watch = asyncio.ensure_future(ex.watch_stall(0.2))
         await asyncio.sleep(0.05)
         ex.store(0, *_chunk(ex, 0, 1.0))
-        with pytest.raises(_Stalled, match="1 of 3"):
+        with pytest.raises(Stalled, match="1 of 3"):
             await asyncio.wait_for(watch, 5)
 
     asyncio.run(scenario())

@@ -1,5 +1,5 @@
-"""A replica's outer state: flat parameter vectors, chunking, payload checks, the ban rule and the NoLoCo
-step with carry-over and its clip."""
+"""A replica's outer state: flat parameter vectors, chunking, payload checks, the ban rule, the NoLoCo step
+(the kernel chunk by chunk on the partner's chunks as received) and its clip, and the error feedback."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from swarmd.swarm.noloco import noloco_update
+from noloco_reference import noloco_update64
+from swarmd.protocols.codecs import decode_tensor, encode_tensor
+from swarmd.protocols.limits import DEFAULT_LIMITS
 from swarmd.swarm.outer import (
     BAN_MAX_FACTOR,
     FAILURE_TABLE_SIZE,
@@ -20,10 +22,13 @@ from swarmd.swarm.outer import (
     PartnerBans,
     assign_flat_,
     chunk_bounds,
+    commit_residuals,
+    encode_payload,
     flatten_parameters,
     outer_step_,
     payload_problem,
     payload_sums,
+    payload_values,
 )
 
 COEFFS = {"beta": 0.7, "gamma": 0.7, "mu": 0.5}
@@ -304,68 +309,63 @@ def _setup(n: int = 257, seed: int = 0):
     return state, theta_snap, partner_phi, partner_progress
 
 
+def _as_received(partner_phi, partner_progress, cuts=None, codec="int8", block_size=64):
+    """The partner's (phi, progress) as the daemon holds it: chunks through the codec, kept as int8 blocks."""
+    cuts = cuts or [0, partner_phi.numel()]
+
+    def wire(t: torch.Tensor):
+        encoded = encode_tensor(t, codec, block_size=block_size)
+        return decode_tensor(encoded.meta, encoded.payload, DEFAULT_LIMITS, keep_blocks=True)
+
+    return [(wire(partner_phi[a:b]), wire(partner_progress[a:b])) for a, b in itertools.pairwise(cuts)]
+
+
+def _decoded(received):
+    return tuple(torch.cat([payload_values(pair[k]) for pair in received]) for k in (0, 1))
+
+
 @pytest.mark.parametrize("paired", [True, False])
-def test_outer_step_without_inner_progress_is_noloco(paired: bool):
-    state, theta_snap, partner_phi, partner_progress = _setup()
-    partner = (partner_phi, partner_progress) if paired else (None, None)
-    want_phi, want_theta, want_delta = noloco_update(state.phi, theta_snap, state.delta, *partner, **COEFFS)
-    scratch = [t.clone() if t is not None else None for t in partner]  # outer_step_ consumes its inputs
-    new_theta = outer_step_(state, theta_snap.clone(), theta_snap.clone(), *scratch, **COEFFS)
-    assert torch.allclose(new_theta, want_theta, atol=1e-6)
-    assert torch.allclose(state.phi, want_phi, atol=1e-6) and torch.allclose(state.delta, want_delta, atol=1e-6)
+def test_outer_step_is_noloco(paired: bool):
+    state, theta, partner_phi, partner_progress = _setup()
+    received = _as_received(partner_phi, partner_progress) if paired else None
+    decoded = _decoded(received) if paired else (None, None)
+    want_phi, want_theta, want_delta = noloco_update64(state.phi, theta, state.delta, *decoded, **COEFFS)
+    outer_step_(state, theta, received, **COEFFS)
+    for got, want in ((theta, want_theta), (state.phi, want_phi), (state.delta, want_delta)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
     assert state.outer_step == 4
 
 
-def test_outer_step_carries_inner_progress_over():
-    state, theta_snap, partner_phi, partner_progress = _setup(seed=1)
-    drift = 0.03 * _rand(257, 9)
-    theta_now = theta_snap + drift
-    want_phi, _, want_delta = noloco_update(state.phi, theta_snap, state.delta, partner_phi, partner_progress, **COEFFS)
-    new_theta = outer_step_(state, theta_snap.clone(), theta_now.clone(), partner_phi.clone(), partner_progress.clone(),
-                            **COEFFS)
-    # the update comes from the snapshot only; the model keeps what it learnt since
-    assert torch.allclose(state.phi, want_phi, atol=1e-6) and torch.allclose(state.delta, want_delta, atol=1e-6)
-    assert torch.allclose(new_theta, want_phi + drift, atol=1e-6)
-    assert torch.allclose(new_theta - state.phi, theta_now - theta_snap, atol=1e-6)
-
-
 def test_outer_step_works_in_place():
-    """No model-sized temporaries: phi and delta are updated in their own buffers, the new weights come
-    back in theta_now's buffer (never phi's: writing the model must not move phi)."""
-    state, theta_snap, partner_phi, partner_progress = _setup(seed=2)
-    phi_ptr, delta_ptr, theta_now = state.phi.data_ptr(), state.delta.data_ptr(), theta_snap + 1
-    new_theta = outer_step_(state, theta_snap, theta_now, partner_phi, partner_progress, **COEFFS)
-    assert state.phi.data_ptr() == phi_ptr and state.delta.data_ptr() == delta_ptr
-    assert new_theta.data_ptr() == theta_now.data_ptr() != phi_ptr
+    """No model-sized temporaries: phi, delta and theta are updated in their own buffers."""
+    state, theta, partner_phi, partner_progress = _setup(seed=2)
+    ptrs = state.phi.data_ptr(), state.delta.data_ptr(), theta.data_ptr()
+    outer_step_(state, theta, _as_received(partner_phi, partner_progress), **COEFFS)
+    assert (state.phi.data_ptr(), state.delta.data_ptr(), theta.data_ptr()) == ptrs
+    assert torch.equal(theta, state.phi)
 
 
 def test_outer_step_refuses_aliased_buffers():
-    state, theta_snap, _, _ = _setup(seed=7)
+    state, _, _, _ = _setup(seed=7)
     with pytest.raises(ValueError):
-        outer_step_(state, theta_snap, theta_snap, **COEFFS)
+        outer_step_(state, state.phi, **COEFFS)
 
 
 def test_outer_step_counts_steps():
     state, theta_snap, _, _ = _setup(seed=3)
     state.outer_step = 0
     for i in range(1, 4):
-        outer_step_(state, theta_snap.clone(), theta_snap.clone(), **COEFFS)
+        outer_step_(state, theta_snap.clone(), **COEFFS)
         assert state.outer_step == i
 
 
 def test_outer_step_hand_example():
-    """phi=0, delta=1, theta_snap=2, partner phi=4 and progress=0, beta=gamma=mu=0.5, theta_now=3:
-    delta = 0.5*1 + 0.5*(2+0)/2 + 0.5*(2-0) = 2; phi = 2; theta = 2 + (3-2) = 3."""
+    """phi=0, delta=1, theta=2, partner phi=4 and progress=0, beta=gamma=mu=0.5:
+    delta = 0.5*1 + 0.5*(2+0)/2 + 0.5*(2-0) = 2; phi = 2; theta = 2."""
     state = OuterState(phi=torch.tensor([0.0]), delta=torch.tensor([1.0]))
-    new_theta = outer_step_(state, torch.tensor([2.0]), torch.tensor([3.0]), torch.tensor([4.0]), torch.tensor([0.0]),
-                            beta=0.5, gamma=0.5, mu=0.5)
-    assert state.delta.item() == 2.0 and state.phi.item() == 2.0 and new_theta.item() == 3.0
-
-
-def test_outer_step_needs_both_partner_tensors():
-    state, theta_snap, partner_phi, _ = _setup(seed=4)
-    with pytest.raises(ValueError):
-        outer_step_(state, theta_snap, theta_snap.clone(), partner_phi, None, **COEFFS)
+    theta = torch.tensor([2.0])
+    outer_step_(state, theta, [(torch.tensor([4.0]), torch.tensor([0.0]))], beta=0.5, gamma=0.5, mu=0.5)
+    assert state.delta.item() == 2.0 and state.phi.item() == 2.0 and theta.item() == 2.0
 
 
 def test_two_replicas_paired_from_the_same_payloads_move_together():
@@ -376,72 +376,103 @@ def test_two_replicas_paired_from_the_same_payloads_move_together():
     b.delta.zero_()
     pa, pb = a.phi.clone(), b.phi.clone()
     prog_a, prog_b = theta_a - pa, theta_b - pb
-    outer_step_(a, theta_a.clone(), theta_a.clone(), pb.clone(), prog_b.clone(), beta=1.0, gamma=1.0, mu=0.0)
-    outer_step_(b, theta_b.clone(), theta_b.clone(), pa.clone(), prog_a.clone(), beta=1.0, gamma=1.0, mu=0.0)
+    outer_step_(a, theta_a.clone(), [(pb.clone(), prog_b.clone())], beta=1.0, gamma=1.0, mu=0.0)
+    outer_step_(b, theta_b.clone(), [(pa.clone(), prog_a.clone())], beta=1.0, gamma=1.0, mu=0.0)
     assert torch.allclose(a.phi, b.phi, atol=1e-6)
     assert not torch.allclose(pa, pb, atol=1e-2)
 
 
-def test_outer_step_on_chunked_partner_equals_flat_across_pieces():
-    """The partner's payload as it arrives (consecutive chunks of odd sizes) gives bit-for-bit the result of
-    the flat payload, over a vector longer than one cache piece (so pieces and chunk edges both cut it)."""
+def test_outer_step_on_chunked_partner_equals_one_chunk():
+    """The partner's payload as it arrives (consecutive chunks, whole blocks each, the last one odd) gives
+    bit-for-bit the result of one chunk covering the vector, over a vector longer than a solo step's piece."""
     n = PIECE + 12_345
     results = []
-    for chunked in (False, True):
-        state, theta_snap, partner_phi, partner_progress = _setup(n=n, seed=11)
-        theta_now = theta_snap + 0.01
-        partner = (partner_phi, partner_progress)
-        if chunked:
-            cuts = [0, 7, 100_003, PIECE + 1, n]
-            partner = tuple([t[a:b].clone() for a, b in itertools.pairwise(cuts)] for t in partner)
-        new_theta = outer_step_(state, theta_snap, theta_now, *partner, **COEFFS)
-        results.append((new_theta.clone(), state.phi.clone(), state.delta.clone()))
+    for cuts in ([0, n], [0, 64 * 7, 64 * 1600, PIECE, n]):
+        state, theta, partner_phi, partner_progress = _setup(n=n, seed=11)
+        outer_step_(state, theta, _as_received(partner_phi, partner_progress, cuts), **COEFFS)
+        results.append((theta, state.phi, state.delta))
     for flat, chunked in zip(*results):
         assert torch.equal(flat, chunked)
-    state, theta_snap, partner_phi, partner_progress = _setup(n=n, seed=11)
-    want_phi, _, want_delta = noloco_update(state.phi, theta_snap, state.delta, partner_phi, partner_progress, **COEFFS)
-    assert torch.allclose(results[1][1], want_phi, atol=1e-6) and torch.allclose(results[1][2], want_delta, atol=1e-6)
 
 
 def test_outer_step_refuses_badly_chunked_partners():
-    state, theta_snap, partner_phi, partner_progress = _setup(seed=12)
-    with pytest.raises(ValueError, match="covers"):  # chunks that do not cover the vector
-        outer_step_(state, theta_snap, theta_snap + 1, [partner_phi[:100]], [partner_progress[:100]], **COEFFS)
-    with pytest.raises(ValueError, match="chunked alike"):
-        outer_step_(state, theta_snap, theta_snap + 1, [partner_phi[:100], partner_phi[100:]],
-                    [partner_progress[:50], partner_progress[50:]], **COEFFS)
+    state, theta, partner_phi, partner_progress = _setup(seed=12)
+    with pytest.raises(ValueError, match="cover"):  # chunks that do not cover the vector
+        outer_step_(state, theta, [(partner_phi[:100], partner_progress[:100])], **COEFFS)
+    with pytest.raises(ValueError, match="alike"):
+        outer_step_(state, theta, [(partner_phi[:100], partner_progress[:50]),
+                                   (partner_phi[100:], partner_progress[50:])], **COEFFS)
     assert state.outer_step == 3  # refused before touching anything
 
 
 @pytest.mark.parametrize("n", [257, PIECE + 12_345])
 def test_outer_step_clips_the_move_of_phi(n: int):
     """A move over max_move x ||phi|| is scaled down to it, in the same direction; the clipped delta is the
-    momentum carried on, and the weights are the clipped phi plus the inner progress since the snapshot."""
+    momentum carried on, and theta is the clipped phi."""
     state, theta_snap, partner_phi, partner_progress = _setup(n=n, seed=14)
-    hostile_phi = partner_phi - 9 * state.phi
-    drift = 0.01 * _rand(n, 15)
+    hostile = [(partner_phi - 9 * state.phi, partner_progress)]
     free = OuterState(phi=state.phi.clone(), delta=state.delta.clone())
-    outer_step_(free, theta_snap.clone(), theta_snap.clone(), hostile_phi.clone(), partner_progress.clone(), **COEFFS)
+    outer_step_(free, theta_snap.clone(), hostile, **COEFFS)
     free_move = free.phi - state.phi
     assert free_move.norm() > 0.5 * state.phi.norm()
-    old_phi = state.phi.clone()
-    new_theta = outer_step_(state, theta_snap.clone(), theta_snap + drift, hostile_phi, partner_progress,
-                            **COEFFS, max_move=0.5)
+    old_phi, theta = state.phi.clone(), theta_snap.clone()
+    outer_step_(state, theta, hostile, **COEFFS, max_move=0.5)
     move = state.phi - old_phi
     assert float(move.norm()) == pytest.approx(0.5 * float(old_phi.norm()), rel=1e-5)
     assert torch.allclose(move, free_move * state.move_scale, atol=1e-5)
     assert state.move_scale == pytest.approx(float(0.5 * old_phi.norm() / free_move.norm()), rel=1e-5)
     assert torch.allclose(state.delta, move, atol=1e-6)
-    assert torch.allclose(new_theta, state.phi + drift, atol=1e-5)
+    assert torch.equal(theta, state.phi)
 
 
 def test_outer_step_under_the_clip_is_unchanged():
     results = []
     for max_move in (math.inf, 10.0):
-        state, theta_snap, partner_phi, partner_progress = _setup(seed=16)
-        new_theta = outer_step_(state, theta_snap, theta_snap + 0.01, partner_phi, partner_progress, **COEFFS,
-                                max_move=max_move)
+        state, theta, partner_phi, partner_progress = _setup(seed=16)
+        outer_step_(state, theta, [(partner_phi, partner_progress)], **COEFFS, max_move=max_move)
         assert state.move_scale == 1.0
-        results.append((new_theta, state.phi, state.delta))
+        results.append((theta, state.phi, state.delta))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- error feedback
+
+
+def test_payload_sums_read_int8_blocks_as_decoded():
+    own, phi, progress = _rand(300, 0), _rand(300, 1), _rand(300, 2)
+    (received,) = _as_received(phi, progress)
+    want = payload_sums(own, payload_values(received[0]), payload_values(received[1]))
+    assert payload_sums(own, *received) == pytest.approx(want, rel=1e-12)
+
+
+def test_residuals_are_committed_only_for_a_used_payload():
+    """encode_payload leaves the residuals alone; commit_residuals (the partner used the payload) makes them
+    the error of what was sent: x + residual - decoded(sent), per chunk."""
+    state, theta, _, _ = _setup(n=1000, seed=20)
+    bounds = chunk_bounds(1000, 256)
+    first = encode_payload(state, theta, bounds, "int8-ef", 64)
+    assert state.residual_phi is None  # nothing committed by encoding
+    commit_residuals(state, theta, bounds, first)
+    sent_phi = torch.cat([payload_values(decode_tensor(p.meta, p.payload, DEFAULT_LIMITS)) for p, _ in first])
+    sent_progress = torch.cat([payload_values(decode_tensor(q.meta, q.payload, DEFAULT_LIMITS)) for _, q in first])
+    assert torch.equal(state.residual_phi, state.phi - sent_phi)
+    assert torch.equal(state.residual_progress, (theta - state.phi) - sent_progress)
+    # the next payload carries that error; encoding it (a solo or failed step after) changes nothing
+    kept = state.residual_phi.clone(), state.residual_progress.clone()
+    second = encode_payload(state, theta, bounds, "int8-ef", 64)
+    assert torch.equal(state.residual_phi, kept[0]) and torch.equal(state.residual_progress, kept[1])
+    # and the residual is exactly what the quantizer carried: the two agree bit for bit
+    from swarmd.kernels import quantize_int8_ef
+
+    _, carried = quantize_int8_ef(state.phi[:256], kept[0][:256], block_size=64)
+    commit_residuals(state, theta, bounds, second)
+    assert torch.equal(state.residual_phi[:256], carried)
+
+
+def test_codecs_without_error_feedback_keep_no_residual():
+    state, theta, _, _ = _setup(n=300, seed=21)
+    bounds = chunk_bounds(300, 256)
+    for codec in ("none", "int8"):
+        commit_residuals(state, theta, bounds, encode_payload(state, theta, bounds, codec, 64))
+        assert state.residual_phi is None and state.residual_progress is None

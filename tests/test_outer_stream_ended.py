@@ -10,7 +10,8 @@ import struct
 import pytest
 from hivemind.p2p import PeerID
 from swarmd.daemon.metrics import NodeMetrics
-from swarmd.daemon.outer import NoLoCoService, _Exchange, _Failed, _Rejected
+from swarmd.daemon.outer_exchange import Exchange, Failed, Rejected
+from swarmd.daemon.outer_service import NoLoCoService
 from swarmd.daemon.p2p_host import create_p2p
 from swarmd.daemon.spec import AveragingConfig
 from swarmd.daemon.transport import Transport
@@ -91,10 +92,10 @@ def test_the_outer_service_fails_the_exchange_on_a_dropped_chunk_and_rejects_a_b
         )
         service.pairing.open()
         assert service.pairing.on_proposal("a", b"s" * 16) is None  # paired with "a"
-        for error, expected in ((StreamEnded("stream ended after 10 of 1000 frame bytes"), _Failed),
-                                (ProtocolError("busy", "too many"), _Failed),
-                                (ProtocolError("nonfinite", "NaN"), _Rejected)):
-            ex = _Exchange(numel=1, bounds=[(0, 1)], own_chunks=[], own_phi=None, own_phi_norm=1.0,
+        for error, expected in ((StreamEnded("stream ended after 10 of 1000 frame bytes"), Failed),
+                                (ProtocolError("busy", "too many"), Failed),
+                                (ProtocolError("nonfinite", "NaN"), Rejected)):
+            ex = Exchange(numel=1, bounds=[(0, 1)], own_chunks=[], own_phi=None, own_phi_norm=1.0,
                            own_progress_norm=1.0, theta_snap=None, partner_phi=[None], partner_progress=[None])
             ex.failure = loop.create_future()
             service._exchange = ex

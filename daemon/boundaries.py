@@ -1,0 +1,51 @@
+"""When outer steps happen: every H inner steps, a loop shared by the NoLoCo and DiLoCo services."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+logger = logging.getLogger(__name__)
+
+
+async def run_at_boundaries(
+    outer_step: Callable[[], Awaitable[str]], current_step: Callable[[], int], inner_steps: int, stop: asyncio.Event,
+    pin: Callable[[], Awaitable[bool]] | None = None,
+) -> None:
+    """Call ``outer_step`` each time ``current_step()`` reaches the next boundary, every ``inner_steps`` (H)
+    inner steps, until ``stop`` is set. Shared by the NoLoCo and DiLoCo services.
+
+    Without ``pin`` the boundaries are the multiples of H, and those an outer step overran (a long wait for a
+    partner) are skipped. With ``pin`` (NoLoCoService.pin_boundary), every payload covers about H inner steps
+    instead, not H plus however long the step before took (a partner's progress is judged against ours: the
+    two must cover as many steps): after a "paired" step, whose update came from the weights at its start,
+    the next boundary is H steps after that start (pinned by ``pin()`` when the step overran it, and then
+    taken at once); after any other step, whose update came from the weights at its end, H steps after that.
+    """
+    boundary = (current_step() // inner_steps + 1) * inner_steps
+    pinned_at: int | None = None  # the inner step whose weights the next step's payload is pinned to
+    while not stop.is_set():
+        if current_step() >= boundary:
+            step = asyncio.ensure_future(outer_step())
+            following = (current_step() if pinned_at is None else pinned_at) + inner_steps
+            result, pinned = None, False
+            try:
+                while not step.done():
+                    if pin is not None and not pinned and current_step() >= following:
+                        pinned = await pin()  # the weights at the next boundary, which this step overran
+                    await asyncio.wait({step}, timeout=0.05)
+                result = step.result()
+            except asyncio.CancelledError:
+                step.cancel()
+                await asyncio.wait({step})
+                raise
+            except Exception:  # a bug in one step must not end outer steps for good
+                logger.exception("outer step failed")
+            if pin is None:
+                boundary = (current_step() // inner_steps + 1) * inner_steps
+            elif result == "paired":
+                boundary, pinned_at = following, following if pinned else None
+            else:
+                boundary, pinned_at = current_step() + inner_steps, None
+        await asyncio.sleep(0.05)
