@@ -190,6 +190,10 @@ def _print_banner(node) -> None:
     print(f"swarmd {node.peer_id}: run {spec.run_id!r}, {spec.pipeline.stages} stage(s), "
           f"role {'seed' if node.options.seed_spec else 'volunteer'}, "
           f"stage {node.stage if node.stage is not None else '-'}", flush=True)
+    if node.worker is not None:
+        asked, used = spec.optimizer.precision, node.worker.precision
+        note = f" ({asked} was asked: it needs a CUDA device with bf16 support)" if used != asked else ""
+        print(f"compute on {node.worker.device} in {used}{note}", flush=True)
     print(f"listening on {' '.join(node.maddrs)}", flush=True)
     print(f"reachability: {reachability(node.maddrs, node.nat_traversal)[1]}", flush=True)
     if node.metrics_server is not None:

@@ -262,7 +262,7 @@ class Node:
         self.worker = StageWorker(
             model, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), grad_clip=o.grad_clip,
             microbatches_per_step=o.microbatches_per_step, device=options.device,
-            weight_stashes=spec.pipeline.weight_stashes,
+            weight_stashes=spec.pipeline.weight_stashes, precision=o.precision,
         )
         await self._announce_joining()
         adopted = await self._stage_state(stage)
@@ -275,7 +275,7 @@ class Node:
                                     stream_seed(spec.seed, self.peer_id))
             eval_batches = validation_batches(val, spec.pipeline.seq_len, spec.pipeline.microbatch_size,
                                               spec.evaluation.batches)
-        meter = ThroughputMeter(await self.lane.run(_measure_throughput, model, spec, options.device))
+        meter = ThroughputMeter(await self.lane.run(_measure_throughput, self.worker, spec))
         self.pipeline = PipelineService(
             spec=spec, stage=stage, peer_id=self.peer_id, worker=self.worker, lane=self.lane,
             transport=self.transport, peers=self.peers, metrics=self.metrics, limits=DEFAULT_LIMITS,
@@ -765,9 +765,10 @@ class Node:
             self.lane = None
 
 
-def _measure_throughput(model: torch.nn.Module, spec: RunSpec, device: str) -> float:
-    """Samples/s of one forward+backward on a dummy microbatch: the first routing weight we announce."""
-    p = spec.pipeline
+def _measure_throughput(worker: StageWorker, spec: RunSpec) -> float:
+    """Samples/s of one forward+backward on a dummy microbatch, in the worker's precision: the first routing
+    weight we announce."""
+    p, model, device = spec.pipeline, worker.model, worker.device
     if model.is_first:
         inputs = torch.randint(0, spec.model.vocab_size, (p.microbatch_size, p.seq_len), device=device)
     else:
@@ -775,7 +776,11 @@ def _measure_throughput(model: torch.nn.Module, spec: RunSpec, device: str) -> f
     best = 0.0
     for _ in range(2):  # the first run pays one-time costs
         start = time.perf_counter()
-        model(inputs).float().square().mean().backward()
+        with worker.autocast():
+            loss = model(inputs).float().square().mean()
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # CUDA runs asynchronously: time the work, not its launch
         best = max(best, p.microbatch_size / (time.perf_counter() - start))
     model.zero_grad(set_to_none=True)
     return best

@@ -12,6 +12,7 @@ import tomllib
 from swarmd.daemon.identity import NodeIdentity, peer_id_from_public_key, verify_signature
 from swarmd.protocols.codecs import CODECS
 from swarmd.swarm.model import ModelConfig
+from swarmd.swarm.stage import PRECISIONS
 
 DEFAULT_SPEC_PATH = Path(__file__).with_name("default_run.toml")
 
@@ -41,7 +42,7 @@ class PipelineConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """The inner optimizer (AdamW), stepped once per local batch."""
+    """The inner optimizer (AdamW), stepped once per local batch, and the precision of the passes it steps on."""
 
     lr: float = 3e-3
     weight_decay: float = 0.01
@@ -49,6 +50,9 @@ class OptimizerConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     microbatches_per_step: int = 1
+    # "bf16": forward and backward under bf16 autocast on CUDA, with fp32 weights and AdamW state (the master copy)
+    # and fp32 activations on the wire. A node on a CPU (or a GPU without bf16) computes in fp32 and says so.
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,7 @@ class RunSpec:
                "need 0 < pipeline.hop_timeout_s < pipeline.microbatch_deadline_s")
         _check(o.lr > 0 and o.weight_decay >= 0 and o.grad_clip > 0, "optimizer lr, grad_clip > 0; weight_decay >= 0")
         _check(o.microbatches_per_step >= 1, "optimizer.microbatches_per_step must be >= 1")
+        _check(o.precision in PRECISIONS, f"optimizer.precision = {o.precision!r}; known: {', '.join(PRECISIONS)}")
         _check(self.data.source in ("builtin", "files"), "data.source must be 'builtin' or 'files'")
         _check(self.data.source == "builtin" or bool(self.data.paths), "data.source = 'files' needs data.paths")
         _check(0 < self.data.val_fraction < 0.5, "data.val_fraction must be in (0, 0.5)")

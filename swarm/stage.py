@@ -11,12 +11,17 @@ are in flight. At most ``weight_stashes`` copies exist; an inner step that would
 gradients accumulating, until the oldest copy's microbatches are back. A gradient is then applied one or more
 steps after the weights it was taken at (its staleness, reported per microbatch), but never mixes versions.
 
+Mixed precision (``precision="bf16"``, CUDA only): forwards and the forwards that backward re-runs go under
+bf16 autocast; the weights, their gradients and AdamW's state stay fp32 (the master copy), and what leaves the
+stage (activations, input gradients) is fp32, as the next stage's ``check_input`` and the codecs expect.
+
 The daemon drives a ``StageWorker`` from one worker thread: there is no locking here, but every id coming
 from the network is checked (unknown, duplicate and expired microbatches are clear errors, never crashes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -68,6 +73,21 @@ def check_magnitude(tensor: torch.Tensor, max_abs: float, what: str) -> None:
         raise ValueError(f"{what} hold |x| = {largest:.3g}, over the bound of {max_abs:g}")
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def compute_precision(requested: str, device: str | torch.device) -> str:
+    """The precision a stage on ``device`` computes in when the run asks for ``requested``: bf16 only on a CUDA
+    device that supports it; fp32 anywhere else (CPU autocast would change the numerics the tests pin down, and
+    gains little)."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    device = torch.device(device)
+    if requested == "bf16" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
 def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay matrices and embeddings (dim >= 2), not norm scales (nanoGPT's rule)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -108,6 +128,7 @@ class StageWorker:
         device: str | torch.device = "cpu",
         eps: float = 1e-8,
         weight_stashes: int = 1,
+        precision: str = "fp32",
     ):
         if microbatches_per_step < 1:
             raise ValueError(f"microbatches_per_step must be >= 1, got {microbatches_per_step}")
@@ -116,6 +137,7 @@ class StageWorker:
         if grad_clip is not None and not grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
         self.device = torch.device(device)
+        self.precision = compute_precision(precision, self.device)  # "bf16" was asked on a CPU: fp32
         self.model = model.to(self.device)
         self.grad_clip = grad_clip
         self.microbatches_per_step = microbatches_per_step
@@ -180,6 +202,14 @@ class StageWorker:
 
     # ----------------------------------------------------------------------------------- compute
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context every forward of this stage runs in: bf16 autocast, or nothing (fp32).
+
+        Only forwards go under it; backward runs outside it, in the dtypes autocast chose for each op."""
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def forward(self, mb_id: bytes, inputs: torch.Tensor, deadline: float) -> torch.Tensor:
         """No-grad forward; keeps ``inputs`` under ``mb_id`` until ``backward`` or ``discard`` (the pipeline
         discards a microbatch past its ``deadline``).
@@ -191,17 +221,18 @@ class StageWorker:
             raise ValueError(f"microbatch {_show(mb_id)} is already in flight")
         self.check_input(inputs)
         inputs = inputs.detach().to(self.device, copy=True)  # our own copy: the caller may reuse its buffer
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             outputs = self.model(inputs)
         self._pending[mb_id] = _Pending(inputs, deadline, self.inner_step, self.version)
         self._pending_per_version[self.version] += 1
-        return outputs.detach()
+        return outputs.detach().float()  # fp32 on the wire, whatever autocast produced (a no-op in fp32)
 
     @torch.no_grad()
     def infer(self, inputs: torch.Tensor) -> torch.Tensor:
         """Forward without keeping anything (evaluation)."""
         self.check_input(inputs)
-        return self.model(inputs.to(self.device))
+        with self.autocast():
+            return self.model(inputs.to(self.device)).float()
 
     def backward(self, mb_id: bytes, grad_output: torch.Tensor) -> torch.Tensor | None:
         """Backprop ``grad_output`` through the stored microbatch ``mb_id``; returns the input gradient
@@ -230,7 +261,8 @@ class StageWorker:
         weights = self._stashes.get(pending.version, self._params)
         try:
             with torch.enable_grad():
-                outputs = functional_call(self.model, weights, (inputs,))
+                with self.autocast():
+                    outputs = functional_call(self.model, weights, (inputs,))
                 leaves = [*weights.values()] if self.is_first else [inputs, *weights.values()]
                 grads = torch.autograd.grad(outputs, leaves, grad_output.to(device=self.device, dtype=outputs.dtype))
         finally:
@@ -259,7 +291,8 @@ class StageWorker:
         if not self.is_first:
             inputs.requires_grad_(True)
         with torch.enable_grad():
-            loss = lm_loss(self.model(inputs), targets.to(self.device))
+            with self.autocast():
+                loss = lm_loss(self.model(inputs), targets.to(self.device))  # cross-entropy autocasts to fp32
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()}: microbatch dropped")
             loss.backward()
@@ -275,7 +308,8 @@ class StageWorker:
             raise RuntimeError(f"eval_loss called on stage {self.model.stage}, not the last stage")
         self.check_input(inputs)
         self.check_targets(inputs, targets)
-        return float(lm_loss(self.model(inputs.to(self.device)), targets.to(self.device)).item())
+        with self.autocast():
+            return float(lm_loss(self.model(inputs.to(self.device)), targets.to(self.device)).item())
 
     def _finish_microbatch(self, batch: int, seq: int) -> None:
         self.samples_processed += batch

@@ -26,6 +26,7 @@ def test_default_spec_loads_and_round_trips() -> None:
         ('[run]\nid = "x"\n[pipeline]\nstages = 9\n', "pipeline.stages"),
         ('[run]\nid = "x"\n[pipeline]\nmicrobatch_size = "8"\n', "should be a int"),
         ('[run]\nid = "x"\n[compression]\nactivations = "zip"\n', "known codecs"),
+        ('[run]\nid = "x"\n[optimizer]\nprecision = "fp8"\n', "optimizer.precision"),
         ('[run]\nid = "x"\n[model]\ndim = 130\nn_heads = 4\n', "[model]"),
         ('[run]\nid = "bad id!"\n', "run.id"),
         ('[run]\nid = "x"\n[data]\nsource = "files"\n', "data.paths"),
