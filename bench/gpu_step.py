@@ -165,7 +165,7 @@ def swarm_step_fn(config: ModelConfig, stages: int, device: torch.device, precis
         mb = next(counter).to_bytes(16, "little")
         x = inputs
         for worker in chain[:-1]:
-            x = hop(worker.forward(mb, x, deadline=float("inf")))
+            x = hop(worker.forward(mb, x))
         _, grad = chain[-1].forward_backward_last(x, targets)
         for worker in reversed(chain[:-1]):  # stage 0 returns None (its inputs are tokens)
             grad = worker.backward(mb, hop(grad))

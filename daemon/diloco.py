@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 
 import torch
 from swarmd.daemon.compute import ComputeLane
 from swarmd.daemon.metrics import NodeMetrics
+from swarmd.daemon.p2p_host import remove_dead_hivemind_sockets
 from swarmd.daemon.spec import AveragingConfig
 from swarmd.kernels import all_finite
 from swarmd.swarm.diloco import diloco_update
@@ -40,6 +42,7 @@ class DiLoCoService:
         self._dht = None
         self._averager = None
         self._buffer: torch.Tensor | None = None
+        self._started_at: float | None = None
 
     async def start(self, adopt: OuterState | None = None) -> None:
         """Take phi from the current weights (or ``adopt`` a live replica's, for a joiner: the stage's
@@ -48,6 +51,8 @@ class DiLoCoService:
         self.state = OuterState.start(theta) if adopt is None else OuterState.adopt(theta, adopt)
         self._buffer = torch.zeros_like(self.state.phi).cpu()
         from hivemind import DHT
+
+        self._started_at = time.time()
 
         # The processes are forked from the loop's thread (hivemind sets signal handlers, which only the
         # main thread may); the DHT bootstraps from this very node, so the loop must keep running meanwhile.
@@ -116,3 +121,5 @@ class DiLoCoService:
 
         await asyncio.to_thread(shutdown)
         self._averager = self._dht = None
+        if self._started_at is not None:  # hivemind's processes leave client sockets in /tmp
+            remove_dead_hivemind_sockets(self._started_at - 1.0)

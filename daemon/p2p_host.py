@@ -164,6 +164,33 @@ class _OwnSocketsP2P(P2P):
             path.unlink(missing_ok=True)
 
 
+def bound_unix_sockets() -> set[str]:
+    """Paths of the unix sockets some process has bound now (Linux's /proc/net/unix; empty elsewhere)."""
+    try:
+        lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        return set()
+    return {fields[7] for line in lines if len(fields := line.split()) >= 8}
+
+
+def remove_dead_hivemind_sockets(since: float) -> int:
+    """Remove ``/tmp/hivemind-*.sock`` files made at or after ``since`` (a time.time()) that no process has
+    bound any more, and return how many. hivemind's own process-based DHT and averager (DiLoCo) name theirs
+    there and leave some behind when they stop; a socket file nobody listens on is dead whoever made it."""
+    bound = bound_unix_sockets()
+    if not bound and not Path("/proc/net/unix").exists():
+        return 0  # cannot tell live from dead here: leave everything
+    removed = 0
+    for path in Path("/tmp").glob("hivemind-*.sock"):
+        try:
+            if path.stat().st_mtime >= since and str(path) not in bound:
+                path.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
 async def create_p2p(**kwargs: Any) -> P2P:
     """``P2P.create(**kwargs)`` with the sockets in the temp folder. On any failure p2pd is stopped and its
     sockets removed; a failure to start raises NetworkStartError saying what to check."""

@@ -212,7 +212,7 @@ class PipelineService:
                 self._release(mb_id)
                 await self._send_backward(held.sender, mb_id, self.stage - 1, loss, grad_in)
                 return
-            output, seconds = await self.lane.run_timed(self.worker.forward, mb_id, activations, held.deadline)
+            output, seconds = await self.lane.run_timed(self.worker.forward, mb_id, activations)
             held.output_shape = tuple(output.shape)
             held.forward_s = seconds
             if await self._send_forward(mb_id, output, targets, held) is None:
@@ -459,7 +459,7 @@ class PipelineService:
         mb_id, held = self._start_driven()
         deadline, done = held.deadline, held.done
         try:
-            output, held.forward_s = await self.lane.run_timed(self.worker.forward, mb_id, inputs, deadline)
+            output, held.forward_s = await self.lane.run_timed(self.worker.forward, mb_id, inputs)
             held.output_shape = tuple(output.shape)
             if await self._send_forward(mb_id, output, targets, held) is None:
                 self.metrics.microbatches.labels("dropped").inc()

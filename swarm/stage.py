@@ -102,7 +102,6 @@ class _Pending:
     """A microbatch between forward and backward: only its inputs, never a graph."""
 
     inputs: torch.Tensor
-    deadline: float
     inner_step: int  # the inner step its forward saw: the gradient's staleness is counted from it
     version: int  # the weights its forward saw (see StageWorker.before_weights_change)
 
@@ -210,9 +209,9 @@ class StageWorker:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def forward(self, mb_id: bytes, inputs: torch.Tensor, deadline: float) -> torch.Tensor:
+    def forward(self, mb_id: bytes, inputs: torch.Tensor) -> torch.Tensor:
         """No-grad forward; keeps ``inputs`` under ``mb_id`` until ``backward`` or ``discard`` (the pipeline
-        discards a microbatch past its ``deadline``).
+        discards a microbatch past its deadline or when its route breaks).
 
         Raises ValueError for bad inputs or an ``mb_id`` already in flight (a duplicate must not overwrite
         the inputs another backward will need).
@@ -223,7 +222,7 @@ class StageWorker:
         inputs = inputs.detach().to(self.device, copy=True)  # our own copy: the caller may reuse its buffer
         with torch.no_grad(), self.autocast():
             outputs = self.model(inputs)
-        self._pending[mb_id] = _Pending(inputs, deadline, self.inner_step, self.version)
+        self._pending[mb_id] = _Pending(inputs, self.inner_step, self.version)
         self._pending_per_version[self.version] += 1
         return outputs.detach().float()  # fp32 on the wire, whatever autocast produced (a no-op in fp32)
 

@@ -114,6 +114,22 @@ def test_dashboards_are_grafana_dashboards() -> None:
     assert len(uids) == 7
 
 
+def test_every_panel_query_parses_with_promtool(tmp_path: Path) -> None:
+    """Without a server: each panel's query, as Grafana would send it, wrapped in a recording rule that
+    ``promtool check rules`` parses (the live test below also runs them)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is required in CI (apt-get install prometheus)")
+        pytest.skip("promtool not installed")
+    queries = panel_queries()
+    rules = [{"record": f"swarmd:panel_{i}", "expr": grafana_to_promql(expr)} for i, (_, _, expr) in enumerate(queries)]
+    path = tmp_path / "panels.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "panels", "rules": rules}]}))
+    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and f"SUCCESS: {len(queries)} rules found" in result.stdout, result.stdout + result.stderr
+
+
 def test_provisioning_points_at_the_dashboards_and_the_datasource_they_use() -> None:
     provisioning = DEPLOY / "grafana" / "provisioning"
     (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]

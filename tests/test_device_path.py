@@ -95,9 +95,9 @@ def test_pipeline_hops_keep_tensors_on_the_device(monkeypatch: pytest.MonkeyPatc
     tokens, targets = data[:, :-1], data[:, 1:]
     watch = Watch(monkeypatch, device)
     route = {"mb_id": b"m" * 16, "route": ["a"], "deadline_s": 10.0}
-    h = chain[0].forward(b"m", tokens, deadline=1e9)
+    h = chain[0].forward(b"m", tokens)
     h, y = _hop("forward", {**route, "stage": 1}, [(h, "int8"), (targets, "none")], device)
-    h = chain[1].forward(b"m", h, deadline=1e9)
+    h = chain[1].forward(b"m", h)
     h, y = _hop("forward", {**route, "stage": 2}, [(h, "int8"), (y, "none")], device)
     loss, grad = chain[2].forward_backward_last(h, y)
     (grad,) = _hop("backward", {"mb_id": b"m" * 16, "stage": 1, "loss": loss}, [(grad, "int8")], device)

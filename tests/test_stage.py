@@ -31,7 +31,7 @@ def run_pipeline_step(chain: list[StageWorker], microbatches: list[tuple[torch.T
         mb_id = f"mb{i}".encode()
         x = inputs
         for worker in chain[:-1]:
-            x = worker.forward(mb_id, x, deadline=1e9)
+            x = worker.forward(mb_id, x)
         pending.append((mb_id, x, targets))
     for mb_id, x, targets in pending:
         loss, grad = chain[-1].forward_backward_last(x, targets)
@@ -89,9 +89,9 @@ def test_backward_after_inner_step_uses_current_weights():
     # A microbatch forwarded before an inner step is backpropagated after it without autograd errors.
     first, last = workers(2, microbatches_per_step=1)
     x_old, y_old = batch(1)
-    h_old = first.forward(b"old", x_old, deadline=1e9)
+    h_old = first.forward(b"old", x_old)
     x, y = batch(2)
-    h = first.forward(b"new", x, deadline=1e9)
+    h = first.forward(b"new", x)
     _, grad = last.forward_backward_last(h, y)
     first.backward(b"new", grad)  # inner step: weights change in place
     assert first.inner_step == 1
@@ -105,10 +105,10 @@ def test_unknown_duplicate_and_reused_ids():
     x, _ = batch(0)
     with pytest.raises(KeyError, match="unknown microbatch 6e6f7065"):
         middle.backward(b"nope", torch.zeros(2, 12, 32))
-    h = first.forward(b"a", x, deadline=1e9)
+    h = first.forward(b"a", x)
     with pytest.raises(ValueError, match="already in flight"):
-        first.forward(b"a", x, deadline=1e9)
-    out = middle.forward(b"a", h, deadline=1e9)
+        first.forward(b"a", x)
+    out = middle.forward(b"a", h)
     grad = middle.backward(b"a", torch.ones_like(out))
     assert grad.shape == h.shape and grad.dtype == torch.float32
     with pytest.raises(KeyError):
@@ -118,8 +118,8 @@ def test_unknown_duplicate_and_reused_ids():
 
 def test_bad_gradient_is_rejected_and_entry_kept():
     first, middle, _ = workers(3)
-    h = first.forward(b"a", batch(0)[0], deadline=1e9)
-    middle.forward(b"a", h, deadline=1e9)
+    h = first.forward(b"a", batch(0)[0])
+    middle.forward(b"a", h)
     with pytest.raises(ValueError, match="does not match"):
         middle.backward(b"a", torch.zeros(2, 11, 32))
     with pytest.raises(ValueError, match="NaN"):
@@ -135,8 +135,8 @@ def test_discard():
     """The pipeline gives up on a microbatch (its deadline passed, its route broke): it is forgotten here."""
     first, _ = workers(2)
     x, _ = batch(0)
-    first.forward(b"a", x, deadline=10.0)
-    first.forward(b"b", x, deadline=20.0)
+    first.forward(b"a", x)
+    first.forward(b"b", x)
     assert first.inflight == 2
     assert first.discard(b"a") and not first.discard(b"a") and first.inflight == 1
     with pytest.raises(KeyError, match="expired"):
@@ -164,7 +164,7 @@ def test_check_input():
             worker.check_input(inputs)
         if isinstance(inputs, torch.Tensor):
             with pytest.raises(ValueError):
-                worker.forward(b"x", inputs, deadline=1e9)
+                worker.forward(b"x", inputs)
     assert first.inflight == 0 and middle.inflight == 0
     h = torch.zeros(2, 5, 32)
     with pytest.raises(ValueError, match="targets"):
@@ -175,8 +175,8 @@ def test_check_input():
 
 def test_nonfinite_gradients_skip_the_step():
     first, middle, _ = workers(3)
-    h = first.forward(b"a", batch(0)[0], deadline=1e9)
-    middle.forward(b"a", h, deadline=1e9)
+    h = first.forward(b"a", batch(0)[0])
+    middle.forward(b"a", h)
     before = {k: v.clone() for k, v in middle.model.state_dict().items()}
     middle.backward(b"a", torch.full((2, 12, 32), 3e38))  # finite, but the parameter grads overflow
     assert middle.skipped_steps == 1 and middle.inner_step == 0

@@ -50,8 +50,8 @@ def test_backward_uses_the_weights_of_its_forward_across_a_step():
     applied = record_steps(worker)
     a, b = hidden(1), hidden(2)
     weights_at_forward = copy.deepcopy(worker.model)
-    worker.forward(b"a" * 16, a, deadline=1e9)
-    worker.forward(b"b" * 16, b, deadline=1e9)
+    worker.forward(b"a" * 16, a)
+    worker.forward(b"b" * 16, b)
     grad_out_a, grad_out_b = hidden(3), hidden(4)
 
     worker.backward(b"a" * 16, grad_out_a)  # steps: the weights change while b is still in flight
@@ -73,7 +73,7 @@ def test_the_gradient_at_current_weights_is_unchanged():
     applied = record_steps(worker)
     x, grad_out = hidden(5), hidden(6)
     _, want_params = reference_grads(worker.model, x, grad_out)
-    worker.forward(b"x" * 16, x, deadline=1e9)
+    worker.forward(b"x" * 16, x)
     worker.backward(b"x" * 16, grad_out)
     for got, want in zip(applied[0], want_params):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -98,7 +98,7 @@ def test_random_interleavings_stay_within_the_stash_budget(stashes):
             mb_id = i.to_bytes(16, "big")
             x = hidden(i)
             in_flight[mb_id] = (x, copy.deepcopy(worker.model))
-            worker.forward(mb_id, x, deadline=1e9)
+            worker.forward(mb_id, x)
         assert worker.stashed_versions <= stashes
     for mb_id in sorted(in_flight):
         worker.discard(mb_id)
@@ -111,7 +111,7 @@ def test_outer_weight_change_keeps_inflight_consistent():
     worker = middle_worker(microbatches_per_step=4)
     x, grad_out = hidden(7), hidden(8)
     before = copy.deepcopy(worker.model)
-    worker.forward(b"o" * 16, x, deadline=1e9)
+    worker.forward(b"o" * 16, x)
     worker.before_weights_change()
     with torch.no_grad():
         for p in worker.model.parameters():
