@@ -44,6 +44,11 @@ def query(expr: str, legend: str) -> prometheus.Dataquery:
     return prometheus.Dataquery().expr(expr).legend_format(legend).datasource(DATASOURCE)
 
 
+def p50_p95(histogram: str, by: str = "instance", selector: str = NODE) -> list[prometheus.Dataquery]:
+    """The median and the 95th percentile of ``histogram`` per ``by``, as two queries."""
+    return [query(quantile(q, histogram, by, selector), f"{{{{{by}}}}} {name}") for q, name in ((0.5, "p50"), (0.95, "p95"))]
+
+
 class Board:
     """One dashboard: panels laid out left to right, ids in order."""
 
@@ -135,8 +140,7 @@ def training() -> Board:
              query(f"histogram_quantile(0.95, sum by (stage, le) ("
                    f"{by_stage(f'rate(swarmd_inner_step_duration_seconds_bucket[{RATE}])')}))", "stage {{stage}} p95"))
     b.series("Inner step time per node, p50 and p95", "Wall time between this node's consecutive inner steps", "s",
-             query(quantile(0.5, "swarmd_inner_step_duration_seconds", "instance", NODE), "{{instance}} p50"),
-             query(quantile(0.95, "swarmd_inner_step_duration_seconds", "instance", NODE), "{{instance}} p95"))
+             *p50_p95("swarmd_inner_step_duration_seconds"))
     b.series("Time since the last inner step", "Seconds since each node's latest inner step (nodes that have "
              "stepped since they started)", "s",
              query(f"time() - (swarmd_last_inner_step_timestamp_seconds{{{NODE}}} > 0)", "{{instance}}"))
@@ -159,10 +163,7 @@ def pipeline() -> Board:
     b.series("Microbatches in flight", "Microbatches each node holds for their backward", "none",
              query(f"swarmd_inflight_microbatches{{{NODE}}} and on (instance) swarmd_stage >= 0", "{{instance}}"))
     b.series("Hop latency, p50 and p95", "Caller-side forward and backward RPC latency, send to reply", "s",
-             query(quantile(0.5, "swarmd_rpc_duration_seconds", "rpc", f'{NODE}, rpc=~"forward|backward"'),
-                   "{{rpc}} p50"),
-             query(quantile(0.95, "swarmd_rpc_duration_seconds", "rpc", f'{NODE}, rpc=~"forward|backward"'),
-                   "{{rpc}} p95"))
+             *p50_p95("swarmd_rpc_duration_seconds", "rpc", f'{NODE}, rpc=~"forward|backward"'))
     b.series("Route failures", "Hops that failed or timed out and were rerouted, per second", "none",
              query(f"rate(swarmd_route_failures_total{{{NODE}}}[{RATE}])", "{{instance}}"))
     b.series("Dropped and expired microbatches", "Microbatches the drivers gave up on, per second", "none",
@@ -181,11 +182,9 @@ def averaging() -> Board:
     b.stat("Outer steps taken", "Outer steps by result since the scraped nodes started", "none",
            query(f"sum by (result) (swarmd_outer_steps_total{{{NODE}}})", "{{result}}"), width=12)
     b.series("Exchange duration, p50 and p95", "Swap of outer payloads with a partner, first chunk to verdict",
-             "s", query(quantile(0.5, "swarmd_outer_exchange_duration_seconds", "instance", NODE), "{{instance}} p50"),
-             query(quantile(0.95, "swarmd_outer_exchange_duration_seconds", "instance", NODE), "{{instance}} p95"))
+             "s", *p50_p95("swarmd_outer_exchange_duration_seconds"))
     b.series("Partner wait, p50 and p95", "From an outer boundary until paired (or the deadline)", "s",
-             query(quantile(0.5, "swarmd_outer_partner_wait_seconds", "instance", NODE), "{{instance}} p50"),
-             query(quantile(0.95, "swarmd_outer_partner_wait_seconds", "instance", NODE), "{{instance}} p95"))
+             *p50_p95("swarmd_outer_partner_wait_seconds"))
     b.series("Replica divergence", "||phi - phi_partner|| / ||phi|| at each node's latest exchange", "none",
              query(f"swarmd_replica_divergence{{{NODE}}} and on (instance) swarmd_stage >= 0", "{{instance}}"))
     b.series("Averaging bytes", "Outer payload bytes sent and received per second", "Bps",
