@@ -61,7 +61,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import netns  # bench/netns.py, next to this file
 from peer import tree_pids  # bench/peer.py: a process and its live descendants
 
-METHODS = ("allreduce", "noloco")
+# all-reduce with hivemind's codecs: fp32 (NoCompression, hivemind's default), fp16, and 8-bit
+# (Uniform8BitQuantization: one scale per part; hivemind's blockwise 8-bit codec needs bitsandbytes, which is not
+# installed here). NoLoCo sends int8 blocks: bytes per element like the 8-bit all-reduce's.
+ALLREDUCE_CODECS = {"allreduce": "NoCompression", "allreduce-fp16": "Float16Compression",
+                    "allreduce-int8": "Uniform8BitQuantization"}
+ALLREDUCE_BYTES_PER_ELEMENT = {"allreduce": 4, "allreduce-fp16": 2, "allreduce-int8": 1}
+METHODS = (*ALLREDUCE_CODECS, "noloco")
 MIB = 1 << 20
 GIB = 1 << 30
 # Extra bytes one peer allocates per fp32 parameter during a step (its peak over its idle footprint),
@@ -70,7 +76,7 @@ GIB = 1 << 30
 # residuals, the snapshot, the partner's phi and progress, the re-read weights, the encoded payload and
 # the quantizer's chunk temporaries). Used only to skip configurations that cannot fit in memory, instead of
 # pushing the machine (and anything else running on it) into the OOM killer.
-STEP_BYTES_PER_PARAM = {"allreduce": 4 * 4.25, "noloco": 4 * 11.5}
+STEP_BYTES_PER_PARAM = {**{m: 4 * 4.25 for m in ALLREDUCE_CODECS}, "noloco": 4 * 11.5}
 STEP_BYTES_PER_PEER = 100 * MIB
 
 
@@ -155,9 +161,10 @@ def _make_tensor(numel: int, seed: int):
 def peer_allreduce(args, commands) -> None:
     """All-reduce peer: one hivemind.DHT for the whole run, one DecentralizedAverager per size."""
     import hivemind
+    import hivemind.compression
     import torch
-    from hivemind.compression import NoCompression
 
+    compression = getattr(hivemind.compression, ALLREDUCE_CODECS[args.method])
     torch.set_num_threads(1)
     dht = hivemind.DHT(
         initial_peers=args.initial_peers or None, host_maddrs=[f"/ip4/{args.host}/tcp/0"], start=True,
@@ -174,12 +181,29 @@ def peer_allreduce(args, commands) -> None:
         averager = hivemind.averaging.DecentralizedAverager(
             [tensor], dht, start=True, prefix=f"bench{cmd['tag']}", target_group_size=n, min_group_size=n,
             min_matchmaking_time=cmd["matchmaking_s"], request_timeout=cmd["request_timeout_s"],
-            compression=NoCompression(), allreduce_timeout=cmd["timeout_s"],
+            compression=compression(), allreduce_timeout=cmd["timeout_s"],
         )
         del tensor  # the averager keeps the shared copy
         _say("PREPARED")
         go = next(commands)
         _sleep_until(go["t0"])
+        if cmd.get("compute_s"):  # the straggler scenario: several outer steps, each after its compute time
+            waits = []
+            for compute_s in cmd["compute_s"]:
+                time.sleep(compute_s)  # simulated inner steps: idle, so the network path is all that runs
+                ready = time.time()
+                try:
+                    gathered = averager.step(timeout=cmd["timeout_s"], allow_retries=True)
+                except Exception:  # noqa: BLE001  (a failed step counts as waited-for and not averaged)
+                    gathered = None
+                waits.append((time.time() - ready, len(gathered) if gathered else 0))
+            _say("DONE", started=go["t0"], finished=time.time(), waits=waits, error=None, cpu_s=0.0, peak_rss=0,
+                 group=n, initial_sum=0.0, final_sum=0.0, result="straggler")
+            averager.shutdown()
+            del averager
+            gc.collect()
+            _say("CLEAN")
+            continue
         started, cpu0 = time.time(), tree_cpu_seconds()
         try:
             gathered = averager.step(timeout=cmd["timeout_s"], allow_retries=True)
@@ -215,6 +239,24 @@ class FlatReplica:
         self.flat = flat
 
 
+def _warm_kernels(numel: int, chunk_elements: int, block_size: int) -> None:
+    """Run swarmd.kernels' quantizer and NoLoCo update once at every chunk size of this step, so their
+    torch.compile (swarmd.kernels.compiled: large CPU tensors) happens before t0. A daemon compiles once, at
+    its first outer step, and then runs for hours: the timed step is its steady state."""
+    import torch
+    from swarmd.kernels import noloco_outer_update_, quantize_int8_ef
+    from swarmd.swarm.outer import chunk_bounds
+
+    for m in sorted({end - start for start, end in chunk_bounds(numel, chunk_elements)}):
+        # views and whole tensors (each is a graph of its own): the daemon encodes chunks of phi (views) and
+        # theta - phi (a new tensor), and updates chunks of its flat vectors (views)
+        for z in (torch.zeros(m), torch.zeros(m)[:]):
+            q, _ = quantize_int8_ef(z, None, block_size=block_size)
+            quantize_int8_ef(z, z, block_size=block_size)
+            noloco_outer_update_(z.clone()[:], z.clone()[:], z.clone()[:], q, q)
+            noloco_outer_update_(z.clone()[:], z.clone()[:], z.clone()[:])
+
+
 async def peer_noloco_async(args, commands) -> None:
     """NoLoCo peer: one P2P + DHTNode + Transport for the whole run, one NoLoCoService per size."""
     import dataclasses
@@ -229,7 +271,6 @@ async def peer_noloco_async(args, commands) -> None:
     from swarmd.daemon.p2p_host import create_p2p
     from swarmd.daemon.spec import DEFAULT_SPEC_PATH, RunSpec
     from swarmd.daemon.transport import Transport
-    from swarmd.protocols import rpc
     from swarmd.protocols.limits import DEFAULT_LIMITS
 
     torch.set_num_threads(1)
@@ -269,12 +310,33 @@ async def peer_noloco_async(args, commands) -> None:
         )
         await service.start()  # phi <- theta; then some "inner progress" so that theta - phi is not zero
         replica.flat.add_(_make_tensor(numel, seed=args.index + 1), alpha=0.01)
+        warm0 = time.monotonic()
+        await lane.run(_warm_kernels, numel, config.chunk_elements, spec.compression.block_size)
+        warm_s = time.monotonic() - warm0
         sent0 = metrics.bytes_sent.labels("averaging")._value.get()
         wait0, swap0 = metrics.partner_wait._sum.get(), metrics.outer_exchange._sum.get()
         busy0 = lane.busy_seconds
         _say("PREPARED")
         go = await next_command()
         await asyncio.sleep(max(0.0, go["t0"] - time.time()))
+        if cmd.get("compute_s"):  # the straggler scenario: several outer steps, each after its compute time
+            waits = []
+            for compute_s in cmd["compute_s"]:
+                await asyncio.sleep(compute_s)  # simulated inner steps: idle, so the network path is all that runs
+                replica.flat.add_(_make_tensor(numel, seed=args.index + 1 + len(waits)), alpha=0.01)
+                ready, wait0, lane0 = time.time(), metrics.partner_wait._sum.get(), lane.busy_seconds
+                try:
+                    result = await service.outer_step()
+                except Exception as e:  # noqa: BLE001
+                    result = f"error {type(e).__name__}"
+                waits.append((time.time() - ready, result, metrics.partner_wait._sum.get() - wait0,
+                              lane.busy_seconds - lane0))
+            _say("DONE", started=go["t0"], finished=time.time(), waits=waits, error=None, cpu_s=0.0, peak_rss=0,
+                 result="straggler", sent_bytes=0, partner_wait_s=0, exchange_s=0, compute_s=0)
+            del service, replica  # the next service's transport.serve replaces our handlers
+            gc.collect()
+            _say("CLEAN")
+            continue
         started, cpu0 = time.time(), tree_cpu_seconds()
         try:
             result, error = await service.outer_step(), None
@@ -284,10 +346,8 @@ async def peer_noloco_async(args, commands) -> None:
         sent = metrics.bytes_sent.labels("averaging")._value.get() - sent0
         _say("DONE", started=started, finished=finished, result=result, error=error, sent_bytes=sent,
              partner_wait_s=metrics.partner_wait._sum.get() - wait0, exchange_s=metrics.outer_exchange._sum.get() - swap0,
-             compute_s=lane.busy_seconds - busy0, cpu_s=cpu_s, peak_rss=tree_peak_rss())
-        for name in (rpc.PAIR, rpc.OUTER_CHUNK, rpc.OUTER_COMMIT):
-            await p2p.remove_binary_stream_handler(name)
-        del service, replica
+             compute_s=lane.busy_seconds - busy0, cpu_s=cpu_s, peak_rss=tree_peak_rss(), warm_s=warm_s)
+        del service, replica  # the next service's transport.serve replaces our handlers
         gc.collect()
         _say("CLEAN")
     lane.close()
@@ -304,7 +364,7 @@ def peer_main(args) -> None:
         yield {"op": "quit"}
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
-    if args.method == "allreduce":
+    if args.method in ALLREDUCE_CODECS:
         peer_allreduce(args, commands())
     else:
         asyncio.run(peer_noloco_async(args, commands()))
@@ -372,7 +432,8 @@ class PeerGroup:
         return self.net.ip(i) if self.net else "127.0.0.1"
 
     def _spawn(self, i: int, initial_peers: list[str]) -> Peer:
-        tmp = self.workdir / f"{self.method[0]}{self.n}p{i}"  # short: unix socket paths live here
+        short = "".join(w[0] for w in self.method.split("-"))  # a, af, ai, n: short, as unix socket paths live here
+        tmp = self.workdir / f"{short}{self.n}p{i}"
         tmp.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, TMPDIR=str(tmp), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         cmd = [sys.executable, os.path.abspath(__file__), "_peer", "--method", self.method, "--index", str(i),
@@ -432,12 +493,20 @@ class PeerGroup:
         rest = [self._spawn(i, maddrs) for i in range(1, self.n)]
         self._wait(rest, "READY", timeout)
 
-    def step(self, n: int, numel: int, tag: str, options: dict, timeout: float, mem: MemorySampler) -> dict:
-        """One synchronization of the first ``n`` peers (the others stay idle in the DHT)."""
+    def step(self, n: int, numel: int, tag: str, options: dict, timeout: float, mem: MemorySampler,
+             compute_s: list[list[float]] | None = None) -> dict:
+        """One synchronization of the first ``n`` peers (the others stay idle in the DHT). With ``compute_s``
+        (per peer, its compute time before each of several outer steps: the straggler scenario) every peer
+        reports its wait per outer step instead."""
         peers = self.peers[:n]
         baseline = MemorySampler.used()
         mem.reset()
-        self._send(peers, {"op": "prepare", "numel": numel, "n": n, "tag": tag, "codec": self.codec, **options})
+        msg = {"op": "prepare", "numel": numel, "n": n, "tag": tag, "codec": self.codec, **options}
+        if compute_s is None:
+            self._send(peers, msg)
+        else:
+            for p, times in zip(peers, compute_s):
+                self._send([p], {**msg, "compute_s": times})
         self._wait(peers, "PREPARED", timeout)
         t0 = time.time() + 1.0 + 0.05 * n
         self._send(peers, {"op": "go", "t0": t0})
@@ -447,7 +516,7 @@ class PeerGroup:
         busy1, total1 = machine_cpu_ticks()
         peak = mem.peak
         self._wait(peers, "CLEAN", timeout)
-        return {"seconds": max(d["finished"] for d in done) - t0, "late_start_s": max(d["started"] for d in done) - t0,
+        return {"numel": numel, "seconds": max(d["finished"] for d in done) - t0, "late_start_s": max(d["started"] for d in done) - t0,
                 "peers": done, "mem_delta": peak - baseline,
                 "machine_busy": (busy1 - busy0) / max(1, total1 - total0)}
 
@@ -504,9 +573,15 @@ def summarize(method: str, step: dict, n: int) -> dict:
     out["cpu_s"] = sum(p["cpu_s"] for p in peers) / n  # mean CPU seconds per peer's process tree
     out["machine_busy"] = step["machine_busy"]
     late = step["late_start_s"]
-    if method == "allreduce":
+    if method in ALLREDUCE_CODECS:
+        # bytes each peer sends in hivemind's butterfly all-reduce: (N-1)/N of the tensor to scatter the parts,
+        # as much again to gather the averaged parts (computed; hivemind counts no bytes)
+        out["sent_mib_per_peer"] = 2 * (n - 1) / n * step["numel"] * ALLREDUCE_BYTES_PER_ELEMENT[method] / MIB
         expected = sum(p["initial_sum"] for p in peers) / n
-        ok = [p for p in peers if p["group"] == n and abs(p["final_sum"] - expected) <= 1e-3 * (abs(expected) + 1e3)]
+        # fp32 must give the mean's sum to rounding; a lossy codec only a full group (its error on a sum of
+        # millions of values says nothing about the average's quality)
+        tol = 1e-3 * (abs(expected) + 1e3) if method == "allreduce" else float("inf")
+        ok = [p for p in peers if p["group"] == n and abs(p["final_sum"] - expected) <= tol]
         out["ok"] = len(ok)
         out["note"] = f"{len(ok)}/{n} averaged"
         if len(ok) < n:
@@ -524,9 +599,13 @@ def summarize(method: str, step: dict, n: int) -> dict:
         out["compute_s"] = max(p["compute_s"] for p in peers)
         out["exchange_s"] = max(p["exchange_s"] for p in peers)
         out["sent_mib_per_peer"] = sum(p["sent_bytes"] for p in peers) / n / MIB
+        out["pair_wait_s"] = sum(p["partner_wait_s"] for p in peers) / n  # mean per peer (bench/sync_model.py)
+        out["exchange_s_mean"] = sum(p["exchange_s"] for p in peers) / n
+        out["warm_s"] = max(p.get("warm_s", 0.0) for p in peers)
         out["note"] += (f"; max per peer: pair wait {max(p['partner_wait_s'] for p in peers):.2f} s, exchange "
                         f"{max(p['exchange_s'] for p in peers):.2f} s, compute lane {max(p['compute_s'] for p in peers):.2f} s"
-                        f"; {out['sent_mib_per_peer']:.1f} MiB sent/peer")
+                        f"; {out['sent_mib_per_peer']:.1f} MiB sent/peer; kernel warm-up (compile) before t0 "
+                        f"{out['warm_s']:.1f} s")
     if late > 0.5:
         out["note"] += f"; last peer started {late:.1f} s late (busy CPU)"
     return out
@@ -538,10 +617,36 @@ def fits_in_memory(method: str, n: int, numel: int) -> tuple[bool, float]:
     return need < 0.9 * MemorySampler.available(), need / GIB
 
 
+def straggler_compute(n: int, steps: int, base_s: float, sigma: float, slow: float) -> list[list[float]]:
+    """Per replica, its compute time before each outer step: base * lognormal(0, sigma), replica 0 ``slow`` times
+    slower. Drawn from a seed per N, so every method sees the same times."""
+    rng = random.Random(1000 + n)
+    return [[base_s * rng.lognormvariate(0.0, sigma) * (slow if i == 0 else 1.0) for _ in range(steps)]
+            for i in range(n)]
+
+
+def run_straggler(name: str, method: str, group: PeerGroup, args, mem: MemorySampler, stragglers: dict) -> None:
+    """The straggler scenario for one method: every N in --straggler-replicas, --straggler-steps outer steps."""
+    for n in args.straggler_replicas:
+        compute = straggler_compute(n, args.straggler_steps, args.straggler_base_s, 0.5, 4.0)
+        label = f"[{name} {method} straggler N={n} {size_label(args.straggler_size)}]"
+        opts = step_options(method, args)
+        step = group.step(n, args.straggler_size, f"st{n}", opts, args.peer_timeout, mem, compute_s=compute)
+        waits = [[w[0] for w in p["waits"]] for p in step["peers"]]  # [replica][outer step] seconds
+        detail = [[w[1] for w in p["waits"]] for p in step["peers"]]  # group size, or NoLoCo's result
+        # NoLoCo: the compute-lane seconds of each outer step (encode, update): all the daemon's training loses,
+        # as it runs the rest of the step (pairing, exchange) beside its inner steps (run_at_boundaries)
+        lane_s = [[w[3] for w in p["waits"]] for p in step["peers"]] if method == "noloco" else None
+        stragglers[n, method] = {"waits": waits, "detail": detail, "compute": compute, "lane_s": lane_s}
+        flat = [w for ws in waits for w in ws]
+        print(f"{label} wait per replica per outer step: mean {sum(flat) / len(flat):.2f} s, max {max(flat):.2f} s; "
+              f"the straggler's {sum(waits[0]) / len(waits[0]):.2f} s; {detail[0]}", flush=True)
+
+
 def run_network(name: str, net: netns.ShapedNetwork | None, args, rows: list[Row], workdir: Path,
-                mem: MemorySampler, cleanup_hooks: list) -> None:
+                mem: MemorySampler, cleanup_hooks: list, stragglers: dict | None = None) -> None:
     """Per method: start max(N) peers once, then time every (N, size) with the first N of them."""
-    n_max = max(args.replicas)
+    n_max = max(args.replicas + (args.straggler_replicas if stragglers is not None else []))
     for method in args.methods:
         group = PeerGroup(method, n_max, net, workdir / name[0], args.codec)
         cleanup_hooks.append(group.kill)
@@ -571,6 +676,8 @@ def run_network(name: str, net: netns.ShapedNetwork | None, args, rows: list[Row
                     print(f"{label} {s['seconds']:.2f} s ({s['note']}; CPU {s['cpu_s']:.2f} s/peer, machine "
                           f"{100 * s['machine_busy']:.0f}% busy; peak RSS/peer {s['peak_rss'] / GIB:.2f} GiB, "
                           f"machine +{s['mem_delta'] / GIB:.1f} GiB)", flush=True)
+            if stragglers is not None and (method == "noloco" or method == args.straggler_allreduce):
+                run_straggler(name, method, group, args, mem, stragglers)
         except (TimeoutError, RuntimeError) as e:
             print(f"[{name} {method}] FAILED: {e}", flush=True)
         finally:
@@ -579,7 +686,7 @@ def run_network(name: str, net: netns.ShapedNetwork | None, args, rows: list[Row
 
 
 def step_options(method: str, args) -> dict:
-    if method == "allreduce":
+    if method in ALLREDUCE_CODECS:
         # generous matchmaking on a busy 2-core machine; a full group starts as soon as it is complete
         return {"matchmaking_s": args.matchmaking_s, "request_timeout_s": args.request_timeout_s,
                 "timeout_s": args.peer_timeout}
@@ -594,32 +701,56 @@ def _row(rows: list[Row], n: int, numel: int, network: str) -> Row:
     return rows[-1]
 
 
-def format_table(rows: list[Row]) -> str:
-    head = ("| N | params | network | NoLoCo s (paired/N) | all-reduce s | all-reduce / NoLoCo | "
-            "NoLoCo max compute / exchange s | CPU s/peer NoLoCo / all-reduce | machine busy NoLoCo / all-reduce | "
-            "peak RSS/peer NoLoCo / all-reduce GiB |")
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+def format_table(rows: list[Row], methods: list[str]) -> str:
+    """One line per (N, size, network, method): its seconds, their ratio to NoLoCo's, bytes sent per peer."""
+    head = ("| N | params | network | method | s | s / NoLoCo s | MiB sent per peer per outer step | CPU s/peer | "
+            "machine busy | peak RSS/peer GiB | notes |")
+    lines = [head, "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in sorted(rows, key=lambda r: (r.network != "loopback", r.numel, r.n)):
-        nl, ar = r.results.get("noloco", {}), r.results.get("allreduce", {})
-
-        def cell(res: dict, extra: str = "", n: int = r.n) -> str:
-            if "skipped" in res:
-                return f"skipped ({res['skipped']})"
+        nl = r.results.get("noloco", {})
+        for method in methods:
+            res = r.results.get(method, {})
             if not res:
-                return "-"
-            bad = "" if res["ok"] == n else " !"
-            return f"{res['seconds']:.2f}{extra}{bad}"
-
-        nl_cell = cell(nl, f" ({nl.get('paired', 0)}/{r.n})" if "seconds" in nl else "")
-        ratio = f"{ar['seconds'] / nl['seconds']:.2f}x" if "seconds" in nl and "seconds" in ar else "-"
-        split = f"{nl['compute_s']:.1f} / {nl['exchange_s']:.1f}" if "compute_s" in nl else "-"
-        mem = " / ".join(f"{x['peak_rss'] / GIB:.2f}" if "peak_rss" in x else "-" for x in (nl, ar))
-        cpu = " / ".join(f"{x['cpu_s']:.2f}" if "cpu_s" in x else "-" for x in (nl, ar))
-        busy = " / ".join(f"{100 * x['machine_busy']:.0f}%" if "machine_busy" in x else "-" for x in (nl, ar))
-        lines.append(f"| {r.n} | {size_label(r.numel)} | {r.network} | {nl_cell} | {cell(ar)} | {ratio} | {split} | "
-                     f"{cpu} | {busy} | {mem} |")
+                continue
+            if "skipped" in res:
+                lines.append(f"| {r.n} | {size_label(r.numel)} | {r.network} | {method} | skipped ({res['skipped']}) "
+                             "| - | - | - | - | - | - |")
+                continue
+            bad = "" if res["ok"] == r.n else " !"
+            ratio = f"{res['seconds'] / nl['seconds']:.2f}x" if "seconds" in nl else "-"
+            sent = f"{res['sent_mib_per_peer']:.1f}" + (" (computed)" if method in ALLREDUCE_CODECS else "")
+            note = f"paired {res['paired']}/{r.n}" if method == "noloco" else res["note"].split(" (")[0]
+            lines.append(f"| {r.n} | {size_label(r.numel)} | {r.network} | {method} | {res['seconds']:.2f}{bad} | "
+                         f"{ratio} | {sent} | {res['cpu_s']:.2f} | {100 * res['machine_busy']:.0f}% | "
+                         f"{res['peak_rss'] / GIB:.2f} | {note} |")
     lines.append("(! = not every peer completed a correct step; see the progress lines above)")
     return "\n".join(lines)
+
+
+def format_straggler(stragglers: dict, allreduce: str) -> str:
+    """Wait per replica per outer step (from the end of its compute to the end of its outer step), by N."""
+    lines = [("| N | method | mean wait per replica per outer step s | median s | the 4x straggler's s | "
+              "mean wait / all-reduce's | NoLoCo: training blocked (compute lane) s | blocked / all-reduce's wait |"),
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for n in sorted({k[0] for k in stragglers}):
+        base = stragglers.get((n, allreduce))
+        base_mean = _mean([w for ws in base["waits"] for w in ws]) if base else None
+        for method in (allreduce, "noloco"):
+            got = stragglers.get((n, method))
+            if not got:
+                continue
+            flat = sorted(w for ws in got["waits"] for w in ws)
+            mean = _mean(flat)
+            ratio = f"{mean / base_mean:.2f}" if base_mean else "-"
+            lane = _mean([w for ws in got["lane_s"] for w in ws]) if got.get("lane_s") else None
+            lane_cells = f"{lane:.2f} | {lane / base_mean:.3f}" if lane is not None and base_mean else "- | -"
+            lines.append(f"| {n} | {method} | {mean:.2f} | {flat[len(flat) // 2]:.2f} | "
+                         f"{_mean(got['waits'][0]):.2f} | {ratio} | {lane_cells} |")
+    return "\n".join(lines)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
 
 
 def main() -> None:
@@ -640,11 +771,23 @@ def main() -> None:
                         help="NoLoCo exchange_timeout_s (default: default_run.toml's)")
     parser.add_argument("--peer-timeout", type=float, default=420.0, help="seconds a step may take before giving up")
     parser.add_argument("--force-shaped", action="store_true", help="print shaped results even if the check fails")
+    parser.add_argument("--straggler", action="store_true",
+                        help="also the straggler scenario on loopback: compute times log-normal (sigma 0.5), replica 0 "
+                             "4x slower, simulated by sleeping (peers idle, the network path real)")
+    parser.add_argument("--straggler-replicas", default="4,8,16")
+    parser.add_argument("--straggler-size", default="1M", help="parameters in the straggler scenario")
+    parser.add_argument("--straggler-steps", type=int, default=3, help="outer steps per replica")
+    parser.add_argument("--straggler-base-s", type=float, default=2.0, help="median compute time per outer step")
+    parser.add_argument("--straggler-allreduce", default="allreduce", choices=list(ALLREDUCE_CODECS),
+                        help="the all-reduce the straggler scenario compares against")
+    parser.add_argument("--json", type=Path, default=None, help="write every measurement here (for bench/sync_model.py)")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.replicas = "1M", "2,4"
-    args.sizes = [parse_size(s) for s in args.sizes.split(",")]
+    args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     args.replicas = [int(n) for n in args.replicas.split(",")]
+    args.straggler_replicas = [int(n) for n in args.straggler_replicas.split(",")]
+    args.straggler_size = parse_size(args.straggler_size)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not args.methods or set(args.methods) - set(METHODS):
         parser.error(f"--methods: choose from {', '.join(METHODS)}")
@@ -683,11 +826,13 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     mem = MemorySampler()
     rows: list[Row] = []
+    stragglers: dict = {}
     verification: list[str] = []
     started = time.monotonic()
     try:
         if not args.no_loopback:
-            run_network("loopback", None, args, rows, workdir, mem, cleanup_hooks)
+            run_network("loopback", None, args, rows, workdir, mem, cleanup_hooks,
+                        stragglers if args.straggler else None)
         if not args.no_shaped:
             if os.geteuid() != 0:
                 print("shaped network: skipped (needs root for network namespaces)", flush=True)
@@ -701,7 +846,18 @@ def main() -> None:
     print()
     for line in verification:
         print(line)
-    print(format_table(rows))
+    print(format_table(rows, args.methods))
+    if stragglers:
+        print(f"\nstraggler scenario, {size_label(args.straggler_size)} parameters, {args.straggler_steps} outer steps per "
+              f"replica, compute median {args.straggler_base_s:g} s, log-normal sigma 0.5, replica 0 4x slower "
+              "(sleeps: the peers are idle while 'computing'; the wait runs from the end of a replica's compute to the "
+              "end of its outer step)")
+        print(format_straggler(stragglers, args.straggler_allreduce))
+    if args.json:
+        args.json.write_text(json.dumps({
+            "rows": [{"n": r.n, "numel": r.numel, "network": r.network, "results": r.results} for r in rows],
+            "stragglers": [{"n": k[0], "method": k[1], **v} for k, v in stragglers.items()],
+        }, indent=1))
     print(f"\ntotal time {time.monotonic() - started:.0f} s; leftover namespaces: {netns.leftover_namespaces() or 'none'}")
 
 

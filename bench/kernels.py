@@ -4,7 +4,10 @@ GB/s counts the bytes each operation must read plus the bytes it must write, onc
 minimal traffic), so every implementation of one operation is scored on the same byte count.
 Baselines: a plain tensor copy (the memory-bandwidth ceiling), an eager unfused torch reference,
 torch.compile of that reference (skipped if it fails), and on CUDA the Triton kernels, a
-device-to-device copy and bitsandbytes blockwise 8-bit quantization when installed.
+device-to-device copy and bitsandbytes blockwise 8-bit quantization when installed. On CPU the
+"fallback" column is what dispatch runs (torch.compile of the fallback's expression for large
+tensors, swarmd.kernels.compiled) and "eager fallback" the same call with that compile switched off.
+A line before the table says whether every implementation gives bit-identical results.
 
     python bench/kernels.py [--numel 4194304] [--block-size 256] [--device cpu|cuda] [--no-compile]
 """
@@ -12,6 +15,7 @@ device-to-device copy and bitsandbytes blockwise 8-bit quantization when install
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -28,7 +32,7 @@ from swarmd.kernels import (
     quantize_int4_ef,
     quantize_int8_ef,
 )
-from swarmd.kernels.noloco_torch import noloco_outer_update_torch_
+from swarmd.kernels.compiled import ENV_SWITCH
 
 
 @dataclass
@@ -38,6 +42,7 @@ class Op:
     name: str
     nbytes: int
     impls: dict[str, Callable[[], object]]
+    reset: Callable[[], object] | None = None  # restores the inputs before each implementation is timed
 
 
 def _timeit(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
@@ -93,8 +98,30 @@ def ref_pair_average(codes, scales, own, bs):
 
 
 def ref_noloco(phi, theta, delta, c1, s1, c2, s2, bs):
-    # the rule's torch path on payloads decoded the eager way (the rule itself exists once, in swarmd.kernels)
-    noloco_outer_update_torch_(phi, theta, delta, ref_dequant8(c1, s1, bs), ref_dequant8(c2, s2, bs), 0.7, 0.7, 0.5)
+    # the update written out as one unfused expression (beta = gamma = 0.7, mu = 0.5), the baseline that
+    # torch.compile fuses; the rule the swarm runs lives once, in swarmd.kernels (checked equal below)
+    pphi, pprog = ref_dequant8(c1, s1, bs), ref_dequant8(c2, s2, bs)
+    new_delta = 0.5 * delta + 0.7 * ((theta - phi + pprog) * 0.5) + 0.7 * ((phi + pphi) * 0.5 - phi)
+    delta.copy_(new_delta)
+    phi.add_(new_delta)
+    theta.copy_(phi)
+
+
+def eager_only(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with swarmd.kernels' torch.compile path switched off: the eager fallback."""
+
+    def run() -> object:
+        saved = os.environ.get(ENV_SWITCH)
+        os.environ[ENV_SWITCH] = "0"
+        try:
+            return fn()
+        finally:
+            if saved is None:
+                del os.environ[ENV_SWITCH]
+            else:
+                os.environ[ENV_SWITCH] = saved
+
+    return run
 
 
 def build_ops(n: int, bs: int, device: torch.device, use_compile: bool, triton: bool) -> list[Op]:
@@ -105,6 +132,14 @@ def build_ops(n: int, bs: int, device: torch.device, use_compile: bool, triton: 
     own = torch.randn(n, device=device, generator=g)
     acc = torch.zeros(n, device=device)
     phi, theta, delta = (torch.randn(n, device=device, generator=g) for _ in range(3))
+    start = [t.clone() for t in (phi, theta, delta)]
+
+    def reset_noloco() -> None:
+        # repeated in-place updates drive delta toward zero (subnormal floats are slow on CPU): every
+        # implementation starts from the same values
+        for t, s0 in zip((phi, theta, delta), start):
+            t.copy_(s0)
+
     q8, _ = quantize_int8_ef(x, r, block_size=bs)
     q4, _ = quantize_int4_ef(x, r, block_size=bs)
     nb = q8.scales.numel() * 4
@@ -112,6 +147,8 @@ def build_ops(n: int, bs: int, device: torch.device, use_compile: bool, triton: 
 
     def variants(public: Callable[[str], object], ref: Callable[[], object], ref_args: tuple) -> dict:
         impls: dict[str, Callable[[], object]] = {"fallback": lambda: public("torch")}
+        if device.type == "cpu":
+            impls["eager fallback"] = eager_only(lambda: public("torch"))
         if triton:
             impls["triton"] = lambda: public("triton")
         impls["eager-ref"] = lambda: ref(*ref_args)
@@ -180,6 +217,7 @@ def build_ops(n: int, bs: int, device: torch.device, use_compile: bool, triton: 
                 ref_noloco,
                 (phi, theta, delta, q8.codes, q8.scales, q8.codes, q8.scales, bs),
             ),
+            reset_noloco,
         ),
     ]
     if device.type == "cuda":
@@ -196,6 +234,42 @@ def build_ops(n: int, bs: int, device: torch.device, use_compile: bool, triton: 
         except Exception as exc:  # noqa: BLE001 - optional baseline
             print(f"# bitsandbytes baseline skipped: {exc.__class__.__name__}: {exc}")
     return ops
+
+
+def check_identical(n: int, bs: int, device: torch.device, use_compile: bool) -> str:
+    """Whether the fallback (compiled and eager), the eager reference and its compiled form give bit-identical
+    int8 codes and scales, and NoLoCo phi and delta, on the bench's inputs."""
+    g = torch.Generator(device=device).manual_seed(1)
+    x, r = torch.randn(n, device=device, generator=g), torch.randn(n, device=device, generator=g) * 0.01
+    phi0, theta0, delta0 = (torch.randn(n, device=device, generator=g) for _ in range(3))
+    quant = {"fallback": lambda: quantize_int8_ef(x, r, block_size=bs, backend="torch"),
+             "eager fallback": eager_only(lambda: quantize_int8_ef(x, r, block_size=bs, backend="torch")),
+             "eager-ref": lambda: ref_quant8(x, r, bs)}
+    if use_compile:
+        compiled_quant = torch.compile(ref_quant8, dynamic=False)
+        quant["compiled-ref"] = lambda: compiled_quant(x, r, bs)
+    got = {k: f() for k, f in quant.items()}
+    q = got["fallback"][0]
+    refs = ("eager-ref", "compiled-ref")  # these return (codes as (blocks, block_size), scales, residual)
+    same_q = {k: torch.equal(v[0].reshape(-1) if k in refs else v[0].codes, q.codes)
+              and torch.equal(v[1] if k in refs else v[0].scales, q.scales) for k, v in got.items()}
+
+    def noloco(fn: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+        phi, theta, delta = phi0.clone(), theta0.clone(), delta0.clone()
+        fn(phi, theta, delta)
+        return phi, delta
+
+    upd = {"fallback": lambda p, t, d: noloco_outer_update_(p, t, d, q, q, backend="torch"),
+           "eager fallback": lambda p, t, d: eager_only(lambda: noloco_outer_update_(p, t, d, q, q, backend="torch"))(),
+           "eager-ref": lambda p, t, d: ref_noloco(p, t, d, q.codes, q.scales, q.codes, q.scales, bs)}
+    if use_compile:
+        compiled_noloco = torch.compile(ref_noloco, dynamic=False)
+        upd["compiled-ref"] = lambda p, t, d: compiled_noloco(p, t, d, q.codes, q.scales, q.codes, q.scales, bs)
+    res = {k: noloco(f) for k, f in upd.items()}
+    same_u = {k: all(torch.equal(a, b) for a, b in zip(v, res["fallback"])) for k, v in res.items()}
+    return ("bit-identical to the fallback: int8 codes and scales " + ", ".join(f"{k} {'yes' if v else 'NO'}"
+            for k, v in same_q.items() if k != "fallback") + "; NoLoCo phi and delta " +
+            ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in same_u.items() if k != "fallback"))
 
 
 def main() -> None:
@@ -216,26 +290,32 @@ def main() -> None:
         except ImportError:
             triton_ok = False
     ops = build_ops(n, args.block_size, device, not args.no_compile, triton_ok)
+    identical = check_identical(n, args.block_size, device, not args.no_compile)
 
     gbps: dict[tuple[str, str], float] = {}
     for op in ops:
         for impl, fn in list(op.impls.items()):
+            if op.reset is not None:
+                op.reset()
             try:
                 gbps[op.name, impl] = op.nbytes / _timeit(fn, device, args.repeat) / 1e9
             except Exception as exc:  # noqa: BLE001 - e.g. torch.compile without a working toolchain
                 print(f"# {op.name} / {impl} skipped: {exc.__class__.__name__}: {str(exc)[:120]}")
     copy = gbps["copy fp32", "copy"]
 
-    cols = ["fallback", "triton", "eager-ref", "compiled-ref", "bitsandbytes"]
+    cols = ["fallback", "eager fallback", "triton", "eager-ref", "compiled-ref", "bitsandbytes"]
     cols = [c for c in cols if any(k[1] == c for k in gbps)]
     print(
         f"device: {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
         f"torch {torch.__version__}, numel {n}, block_size {args.block_size}"
     )
     print(f"plain copy: {copy:.2f} GB/s; cells: GB/s (fraction of copy); last columns: speed-up of the fused op")
+    print(identical)
     head = ["op", "MB moved"] + cols
     if "eager-ref" in cols:
         head.append("fallback / eager")
+    if "compiled-ref" in cols:
+        head.append("fallback / compiled")
     if "triton" in cols:
         head += ["triton / eager", "triton / compiled"] if "compiled-ref" in cols else ["triton / eager"]
     print("| " + " | ".join(head) + " |")
@@ -252,6 +332,8 @@ def main() -> None:
 
         if "eager-ref" in cols:
             row.append(ratio("fallback", "eager-ref"))
+        if "compiled-ref" in cols:
+            row.append(ratio("fallback", "compiled-ref"))
         if "triton" in cols:
             row.append(ratio("triton", "eager-ref"))
             if "compiled-ref" in cols:

@@ -1,11 +1,15 @@
-"""Pipeline throughput: a plain torch loop vs a 1-peer swarm vs the 2x2 demo swarm, measured in one run.
+"""Pipeline throughput: a plain torch loop vs a 1-peer swarm vs 2-stage swarms, measured in one run.
 
-    python bench/pipeline.py [--seconds 20] [--threads 1]
+    python bench/pipeline.py [--seconds 20] [--threads 1] [--only a,b,c,d,e]
 
-(a) plain single-process torch training loop on the same model, microbatch and optimizer;
+(a) plain single-process torch training loop on the same model, microbatch and optimizer, --threads threads;
 (b) a 1-peer swarm: `swarmd seed` with one stage, training alone (daemon, compute lane, metrics, DHT);
-(c) the demo swarm: seed + 4 volunteers, 2 stages x 2 replicas, separate processes on 127.0.0.1.
+(c) the demo swarm: seed + 4 volunteers, 2 stages x 2 replicas, separate processes on 127.0.0.1;
+(d) the plain loop of (a) on 2 threads: the baseline for (e);
+(e) a 2-stage 1+1 swarm: seed (not training) + one volunteer per stage, one thread each, on 127.0.0.1, so every
+    microbatch's activations and gradients cross the wire (int8, libp2p) between two processes.
 Swarm rates come from the nodes' own swarmd_samples_total counters over a steady window after warm-up.
+(e)/(d) compares samples/s per core: both use the machine's 2 cores.
 """
 
 from __future__ import annotations
@@ -102,7 +106,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="measurement window per setup (default 20)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for (a) and (b) (default 1)")
     parser.add_argument("--spec", type=Path, default=DEFAULT_SPEC_PATH, help="run spec (default: embedded demo)")
+    parser.add_argument("--only", default="a,b,c,d,e", help="comma-separated setups to run (default: all)")
     args = parser.parse_args()
+    args.only = set(args.only.split(","))
     spec = RunSpec.load(args.spec)
     with tempfile.TemporaryDirectory(prefix="swarmd-bench-") as tmp:
         root = Path(tmp)
@@ -111,15 +117,29 @@ def main() -> int:
         print(f"model dim {spec.model.dim} x {spec.model.n_layers} layers, microbatch {spec.pipeline.microbatch_size}"
               f" x {spec.pipeline.seq_len} tokens; {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
               f", torch {torch.__version__}; {args.seconds:.0f} s per setup", file=sys.stderr)
-        a = plain_loop(spec, args.seconds, args.threads)
-        b = one_peer_swarm(args.spec, root, env, args.seconds, args.threads)
-        c = demo_swarm(args.spec, root, env, args.seconds)
-    rows = [("(a) plain torch loop, 1 process", a), ("(b) 1-peer swarm (swarmd seed, 1 stage)", b),
-            ("(c) demo swarm: seed + 2x2 volunteers", c)]
-    print("| setup | samples/s | ratio to (a) |\n|---|---:|---:|")
-    for name, rate in rows:
-        print(f"| {name} | {rate:.1f} | {rate / a:.2f} |")
-    print(f"\n(b)/(a) = {b / a:.3f} (target >= 0.9); (c)/(b) = {c / b:.3f}")
+        got: dict[str, float] = {}
+        if "a" in args.only:
+            got["a"] = plain_loop(spec, args.seconds, args.threads)
+        if "b" in args.only:
+            got["b"] = one_peer_swarm(args.spec, root, env, args.seconds, args.threads)
+        if "c" in args.only:
+            got["c"] = demo_swarm(args.spec, root, env, args.seconds)
+        if "d" in args.only:
+            got["d"] = plain_loop(spec, args.seconds, 2)
+        if "e" in args.only:
+            got["e"] = demo_swarm(args.spec, root, env, args.seconds, volunteers=2)
+    names = {"a": f"(a) plain torch loop, 1 process, {args.threads} thread(s)",
+             "b": "(b) 1-peer swarm (swarmd seed, 1 stage)", "c": "(c) demo swarm: seed + 2x2 volunteers",
+             "d": "(d) plain torch loop, 1 process, 2 threads", "e": "(e) 2-stage 1+1 swarm: seed + 2 volunteers"}
+    base = {"a": "a", "b": "a", "c": "a", "d": "d", "e": "d"}
+    print("| setup | samples/s | ratio to its baseline |\n|---|---:|---:|")
+    for key, rate in got.items():
+        ref = got.get(base[key])
+        print(f"| {names[key]} | {rate:.1f} | " + (f"{rate / ref:.2f} ({base[key]})" if ref else "-") + " |")
+    if "a" in got and "b" in got:
+        print(f"\n(b)/(a) = {got['b'] / got['a']:.3f} (target >= 0.9)")
+    if "d" in got and "e" in got:
+        print(f"(e)/(d) = {got['e'] / got['d']:.3f} samples/s per core (target >= 0.8)")
     return 0
 
 

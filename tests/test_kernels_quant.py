@@ -212,3 +212,79 @@ def test_shapes_and_empty_tensor() -> None:
     q0, r0 = quantize_int8_ef(torch.empty(0), block_size=64)
     assert q0.codes.numel() == 0 and q0.scales.numel() == 0 and r0.numel() == 0
     assert dequantize_int8(q0).numel() == 0
+
+
+@pytest.mark.parametrize("n", [1000, 4097, 3 * 512 + 64 + 5])
+def test_chunked_fallbacks_do_not_depend_on_the_chunk(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU fallbacks run chunk by chunk (swarmd.kernels.quant_torch.CHUNK_ELEMS): the chunk size changes
+    no code, scale, residual or NoLoCo update, bit for bit (so the Triton comparisons, made at small sizes,
+    hold at any size)."""
+    from swarmd.kernels import noloco_outer_update_, quant_torch
+
+    g = torch.Generator().manual_seed(n)
+    x, residual = _inputs(n, torch.float32, seed=n)
+    phi, theta, delta = (torch.randn(n, generator=g) for _ in range(3))
+
+    def run() -> list[torch.Tensor]:
+        out = []
+        q8, r8 = quantize_int8_ef(x, residual, block_size=64, backend="torch")
+        q4, r4 = quantize_int4_ef(x, residual, block_size=64, backend="torch")
+        qs, rs = quantize_int4_ef(x, residual, block_size=128, stochastic=True, seed=9, backend="torch")
+        out += [q8.codes, q8.scales, r8, q4.codes, q4.scales, r4, qs.codes, rs]
+        for payload in ((q8, q4), (x, residual), (None, None)):
+            state = [phi.clone(), theta.clone(), delta.clone()]
+            noloco_outer_update_(*state, *payload, beta=0.7, gamma=0.6, mu=0.5, backend="torch")
+            out += state
+        return out
+
+    whole = run()
+    monkeypatch.setattr(quant_torch, "CHUNK_ELEMS", 512)
+    monkeypatch.setattr("swarmd.kernels.noloco_torch.CHUNK_ELEMS", 512)
+    for a, b in zip(whole, run(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_subnormal_scales_still_clamp_codes() -> None:
+    """A block whose scale absmax / 127 is subnormal: the rounded scale can be far off, so y / scale may pass
+    127; codes stay in -127..127 and decode + residual still equals the input."""
+    x = torch.zeros(128)
+    x[:64] = torch.linspace(-190, 190, 64) * 2.0**-149  # absmax 190 * 2**-149: scale rounds to 2**-149
+    x[64:] = torch.randn(64)
+    q, res = quantize_int8_ef(x, block_size=64, backend="torch")
+    assert q.scales[0] > 0 and q.scales[0] < 2.0**-126
+    assert int(q.codes.abs().max()) <= 127 and int(q.codes[:64].abs().max()) == 127
+    assert torch.equal(dequantize_int8(q) + res, x)
+
+
+def test_compiled_fallbacks_are_bit_identical_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large CPU tensors take torch.compile of the same expressions (swarmd.kernels.compiled): codes, scales,
+    residuals and the NoLoCo update equal the eager fallbacks bit for bit (whole blocks compiled, a partial
+    last block eager). Small sizes here, with the size threshold lowered: a few seconds of compiling."""
+    from swarmd.kernels import compiled, noloco_outer_update_
+    from swarmd.kernels.noloco_torch import noloco_blocks_
+
+    n = 64 * 40 + 37  # a partial last block
+    g = torch.Generator().manual_seed(3)
+    x, residual = _inputs(n, torch.float32, seed=11)
+    x[:64] = 0.0  # a zero block
+    phi, theta, delta = (torch.randn(n, generator=g) for _ in range(3))
+
+    def run() -> list[torch.Tensor]:
+        q8, r8 = quantize_int8_ef(x, residual, block_size=64, backend="torch")
+        q4, r4 = quantize_int4_ef(x, None, block_size=64, backend="torch")
+        out = [q8.codes, q8.scales, r8, q4.codes, q4.scales, r4]
+        for payload in ((q8, q8), (None, None)):
+            state = [phi.clone(), theta.clone(), delta.clone()]
+            noloco_outer_update_(*state, *payload, beta=0.7, gamma=0.6, mu=0.5, backend="torch")
+            out += state
+        return out
+
+    monkeypatch.setenv(compiled.ENV_SWITCH, "0")
+    eager = run()
+    monkeypatch.setenv(compiled.ENV_SWITCH, "1")
+    monkeypatch.setattr(compiled, "COMPILE_MIN_ELEMS", 1)
+    through_compile = run()
+    if not all(compiled._compiled.get(f) for f in (compiled.quantize_blocks, noloco_blocks_)):
+        pytest.skip("torch.compile is unavailable here: the eager fallbacks serve")
+    for a, b in zip(eager, through_compile, strict=True):
+        assert torch.equal(a, b)
