@@ -56,6 +56,19 @@ class HeldMicrobatch:
 
 
 @dataclass
+class Outgoing:
+    """What a hop sends, encoded on the lane by the same job that computed it.
+
+    A separate encode job would queue behind the lane's next compute: a finished microbatch would wait for
+    another one's whole forward or backward before leaving, and the in-flight microbatches would move through
+    the stages as one convoy, each stage idle while the other works."""
+
+    tensors: list[EncodedTensor]  # activations and targets, or a gradient
+    shape: tuple[int, ...]  # the first tensor's, before encoding (a gradient coming back must match it)
+    error: str | None = None  # it failed our own checks (a diverging stage): dropped, never sent
+
+
+@dataclass
 class PipelineStats:
     """Counters the progress line and the heartbeat read."""
 
@@ -203,19 +216,18 @@ class PipelineService:
             return
         try:
             if self.is_last:
-                (loss, grad_in), seconds = await self.lane.run_timed(
-                    self.worker.forward_backward_last, activations, targets
-                )
+                (loss, gradient), seconds = await self.lane.run_timed(self._last_stage_on_lane, activations, targets)
                 self.metrics.staleness.observe(0)  # forward and backward in one go
                 self._account(activations.shape, seconds)
                 self._record_loss(loss)
                 self._release(mb_id)
-                await self._send_backward(held.sender, mb_id, self.stage - 1, loss, grad_in)
+                await self._send_backward(held.sender, mb_id, self.stage - 1, loss, gradient)
                 return
-            output, seconds = await self.lane.run_timed(self.worker.forward, mb_id, activations)
-            held.output_shape = tuple(output.shape)
+            outgoing, seconds = await self.lane.run_timed(
+                lambda: self._encode_activations(self.worker.forward(mb_id, activations), targets))
+            held.output_shape = outgoing.shape
             held.forward_s = seconds
-            if await self._send_forward(mb_id, output, targets, held) is None:
+            if await self._send_forward(mb_id, outgoing, held) is None:
                 self._drop(mb_id)
         except Exception:
             logger.exception("forward of a microbatch failed here")
@@ -236,8 +248,8 @@ class PipelineService:
                     timeout=self.spec.pipeline.hop_timeout_s,
                 )
             else:
-                output = await self.lane.run(self.worker.infer, activations)
-                await self._send_forward(mb_id, output, targets, held)
+                outgoing = await self.lane.run(lambda: self._encode_activations(self.worker.infer(activations), targets))
+                await self._send_forward(mb_id, outgoing, held)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # evaluation is best effort: the driver's pass scores what came back
@@ -245,13 +257,39 @@ class PipelineService:
         finally:
             self._release(mb_id)
 
-    def _backward_on_lane(self, mb_id: bytes, grad: torch.Tensor) -> tuple[torch.Tensor | None, int]:
-        """On the lane: the backward and its gradient's staleness, read before another task runs."""
-        return self.worker.backward(mb_id, grad), self.worker.last_staleness
+    def _backward_on_lane(self, mb_id: bytes, grad: torch.Tensor) -> tuple[Outgoing | None, int]:
+        """On the lane: the backward, its input gradient encoded (None on stage 0) and its staleness, read before
+        another task runs."""
+        grad_in = self.worker.backward(mb_id, grad)
+        return (None if grad_in is None else self._encode_gradient(grad_in)), self.worker.last_staleness
+
+    def _last_stage_on_lane(self, activations: torch.Tensor, targets: torch.Tensor) -> tuple[float, Outgoing | None]:
+        """On the lane: the last stage's forward, loss and backward, its input gradient encoded (None if the
+        only stage)."""
+        loss, grad_in = self.worker.forward_backward_last(activations, targets)
+        return loss, (None if grad_in is None else self._encode_gradient(grad_in))
+
+    def _encode_activations(self, output: torch.Tensor, targets: torch.Tensor) -> Outgoing:
+        """On the lane: our activations and the microbatch's targets, ready to send."""
+        try:
+            encoded = self._encode_outgoing(output, self.spec.compression.activations, "our activations")
+        except ValueError as e:
+            return Outgoing([], tuple(output.shape), str(e))
+        self._record_ratio("activations", output, encoded.payload)
+        return Outgoing([encoded, encode_tensor(targets, "none")], tuple(output.shape))
+
+    def _encode_gradient(self, grad: torch.Tensor) -> Outgoing:
+        """On the lane: our input gradient, ready to send back."""
+        try:
+            encoded = self._encode_outgoing(grad, self.spec.compression.gradients, "our input gradients")
+        except ValueError as e:
+            return Outgoing([], tuple(grad.shape), str(e))
+        self._record_ratio("gradients", grad, encoded.payload)
+        return Outgoing([encoded], tuple(grad.shape))
 
     async def _process_backward(self, mb_id: bytes, held: HeldMicrobatch, grad: torch.Tensor, loss: float) -> None:
         try:
-            (grad_in, staleness), seconds = await self.lane.run_timed(self._backward_on_lane, mb_id, grad)
+            (gradient, staleness), seconds = await self.lane.run_timed(self._backward_on_lane, mb_id, grad)
         except KeyError:  # expired on the lane meanwhile
             self._release(mb_id)
             return
@@ -265,28 +303,19 @@ class PipelineService:
         if held.done is not None:  # the driver: the microbatch is complete
             if not held.done.done():
                 held.done.set_result(loss)
-        elif grad_in is not None:
-            await self._send_backward(held.sender, mb_id, self.stage - 1, loss, grad_in)
+        elif gradient is not None:
+            await self._send_backward(held.sender, mb_id, self.stage - 1, loss, gradient)
 
-    async def _send_forward(
-        self, mb_id: bytes, output: torch.Tensor, targets: torch.Tensor, held: HeldMicrobatch
-    ) -> str | None:
+    async def _send_forward(self, mb_id: bytes, outgoing: Outgoing, held: HeldMicrobatch) -> str | None:
         """Hand the microbatch to a next-stage peer, rerouting around failures. Returns who took it.
 
         ``held.downstream`` names the peer before the request leaves: a fast next stage can send the
         gradient back before our coroutine resumes from its ack, and that gradient must be accepted.
         """
         route, deadline = held.route, held.deadline
-        codec = self.spec.compression.activations
-        block = self.spec.compression.block_size
-        try:
-            encoded, encoded_targets = await self.lane.run(
-                lambda: (self._encode_outgoing(output, codec, block, "our activations"), encode_tensor(targets, "none"))
-            )
-        except ValueError as e:
-            logger.warning("microbatch dropped before sending: %s", e)
+        if outgoing.error is not None:
+            logger.warning("microbatch dropped before sending: %s", outgoing.error)
             return None
-        self._record_ratio("activations", output, encoded.payload)
         next_stage = self.stage + 1
         tried: set[str] = set()
         unknown_to_them = False  # a peer of this round refused us as a non-member (our heartbeat is new to it)
@@ -294,7 +323,7 @@ class PipelineService:
             fields = {"mb_id": mb_id, "stage": next_stage, "route": route, "deadline_s": left}
             if held.evaluation:
                 fields["eval"] = 1
-            request = encode_message("forward", fields, [encoded, encoded_targets])
+            request = encode_message("forward", fields, outgoing.tensors)
             candidates = self._with_outstanding(self.peers.stage(next_stage))
             peer = choose_peer(candidates, self.bans, self.rng, time.time(), exclude=tried)
             if peer is None:
@@ -326,17 +355,12 @@ class PipelineService:
                 self._hop_failed(peer.peer_id, f"forward failed: {type(e).__name__}: {e}")
         return None
 
-    async def _send_backward(self, upstream: str, mb_id: bytes, stage: int, loss: float, grad: torch.Tensor) -> None:
+    async def _send_backward(self, upstream: str, mb_id: bytes, stage: int, loss: float, gradient: Outgoing) -> None:
         """Send the input gradient back along the route. A broken route drops the microbatch (counted)."""
-        codec = self.spec.compression.gradients
-        block = self.spec.compression.block_size
-        try:
-            encoded = await self.lane.run(lambda: self._encode_outgoing(grad, codec, block, "our input gradients"))
-        except ValueError as e:
-            logger.warning("microbatch dropped before sending its gradient back: %s", e)
+        if gradient.error is not None:
+            logger.warning("microbatch dropped before sending its gradient back: %s", gradient.error)
             return
-        self._record_ratio("gradients", grad, encoded.payload)
-        request = encode_message("backward", {"mb_id": mb_id, "stage": stage, "loss": loss}, [encoded])
+        request = encode_message("backward", {"mb_id": mb_id, "stage": stage, "loss": loss}, gradient.tensors)
         deadline = time.monotonic() + self.spec.pipeline.hop_timeout_s
         while True:
             try:
@@ -360,11 +384,11 @@ class PipelineService:
                 self._hop_failed(upstream, f"backward failed: {type(e).__name__}: {e}")
                 return
 
-    def _encode_outgoing(self, tensor: torch.Tensor, codec: str, block: int, what: str) -> EncodedTensor:
+    def _encode_outgoing(self, tensor: torch.Tensor, codec: str, what: str) -> EncodedTensor:
         """On the lane: encode a tensor we send, after the checks every receiver applies. Ours failing them
         (a diverging stage) is no peer's fault: the caller drops the microbatch instead of banning receivers."""
         check_magnitude(tensor, self.spec.pipeline.max_activation, what)
-        return encode_tensor(tensor, codec, block_size=block)
+        return encode_tensor(tensor, codec, block_size=self.spec.compression.block_size)
 
     def _with_outstanding(self, peers: list[PeerInfo]) -> list[PeerInfo]:
         """Add to each peer's announced queue the microbatches we have outstanding there right now:
@@ -430,8 +454,8 @@ class PipelineService:
             return await self.lane.run(self.worker.eval_loss, inputs, targets)
         mb_id, held = self._start_driven(evaluation=True)
         try:
-            output = await self.lane.run(self.worker.infer, inputs)
-            if await self._send_forward(mb_id, output, targets, held) is None:
+            outgoing = await self.lane.run(lambda: self._encode_activations(self.worker.infer(inputs), targets))
+            if await self._send_forward(mb_id, outgoing, held) is None:
                 return None
             return await asyncio.wait_for(held.done, max(0.0, held.deadline - time.monotonic()))
         except asyncio.TimeoutError:
@@ -450,18 +474,23 @@ class PipelineService:
 
     async def run_microbatch(self) -> float | None:
         """Drive one microbatch end to end; its loss, or None if it was dropped or expired."""
-        inputs, targets = await self.lane.run(self.sampler.next_batch)
         if self.num_stages == 1:
+            inputs, targets = await self.lane.run(self.sampler.next_batch)
             (loss, _), seconds = await self.lane.run_timed(self.worker.forward_backward_last, inputs, targets)
             self._account(inputs.shape, seconds)
             self._complete(loss)
             return loss
         mb_id, held = self._start_driven()
         deadline, done = held.deadline, held.done
+
+        def sample_and_forward() -> Outgoing:
+            inputs, targets = self.sampler.next_batch()
+            return self._encode_activations(self.worker.forward(mb_id, inputs), targets)
+
         try:
-            output, held.forward_s = await self.lane.run_timed(self.worker.forward, mb_id, inputs)
-            held.output_shape = tuple(output.shape)
-            if await self._send_forward(mb_id, output, targets, held) is None:
+            outgoing, held.forward_s = await self.lane.run_timed(sample_and_forward)
+            held.output_shape = outgoing.shape
+            if await self._send_forward(mb_id, outgoing, held) is None:
                 self.metrics.microbatches.labels("dropped").inc()
                 self._drop(mb_id)
                 return None
