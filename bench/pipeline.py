@@ -123,11 +123,11 @@ def main() -> int:
         if "b" in args.only:
             got["b"] = one_peer_swarm(args.spec, root, env, args.seconds, args.threads)
         if "c" in args.only:
-            got["c"] = demo_swarm(args.spec, root, env, args.seconds)
+            got["c"] = demo_swarm(args.spec, root / "c", env, args.seconds)
         if "d" in args.only:
             got["d"] = plain_loop(spec, args.seconds, 2)
         if "e" in args.only:
-            got["e"] = demo_swarm(args.spec, root, env, args.seconds, volunteers=2)
+            got["e"] = demo_swarm(args.spec, root / "e", env, args.seconds, volunteers=2)  # own node dirs: no stale state
     names = {"a": f"(a) plain torch loop, 1 process, {args.threads} thread(s)",
              "b": "(b) 1-peer swarm (swarmd seed, 1 stage)", "c": "(c) demo swarm: seed + 2x2 volunteers",
              "d": "(d) plain torch loop, 1 process, 2 threads", "e": "(e) 2-stage 1+1 swarm: seed + 2 volunteers"}
