@@ -68,6 +68,20 @@ class Outgoing:
     error: str | None = None  # it failed our own checks (a diverging stage): dropped, never sent
 
 
+def encode_outgoing(tensor: torch.Tensor, codec: str, block_size: int, max_abs: float, what: str,
+                    extra: tuple[EncodedTensor, ...] = ()) -> Outgoing:
+    """Encode a tensor this node sends (followed by ``extra``), after the magnitude check every receiver applies.
+
+    Ours failing it (a diverging stage) is no peer's fault: the result carries the error, and the caller drops the
+    microbatch instead of sending what every receiver would refuse (and ban us for)."""
+    try:
+        check_magnitude(tensor, max_abs, what)
+        encoded = encode_tensor(tensor, codec, block_size=block_size)
+    except ValueError as e:
+        return Outgoing([], tuple(tensor.shape), str(e))
+    return Outgoing([encoded, *extra], tuple(tensor.shape))
+
+
 @dataclass
 class PipelineStats:
     """Counters the progress line and the heartbeat read."""
@@ -271,21 +285,21 @@ class PipelineService:
 
     def _encode_activations(self, output: torch.Tensor, targets: torch.Tensor) -> Outgoing:
         """On the lane: our activations and the microbatch's targets, ready to send."""
-        try:
-            encoded = self._encode_outgoing(output, self.spec.compression.activations, "our activations")
-        except ValueError as e:
-            return Outgoing([], tuple(output.shape), str(e))
-        self._record_ratio("activations", output, encoded.payload)
-        return Outgoing([encoded, encode_tensor(targets, "none")], tuple(output.shape))
+        return self._encode_outgoing(output, "activations", (encode_tensor(targets, "none"),))
 
     def _encode_gradient(self, grad: torch.Tensor) -> Outgoing:
         """On the lane: our input gradient, ready to send back."""
-        try:
-            encoded = self._encode_outgoing(grad, self.spec.compression.gradients, "our input gradients")
-        except ValueError as e:
-            return Outgoing([], tuple(grad.shape), str(e))
-        self._record_ratio("gradients", grad, encoded.payload)
-        return Outgoing([encoded], tuple(grad.shape))
+        return self._encode_outgoing(grad, "gradients")
+
+    def _encode_outgoing(self, tensor: torch.Tensor, channel: str, extra: tuple[EncodedTensor, ...] = ()) -> Outgoing:
+        """On the lane: ``encode_outgoing`` with this run's codec for ``channel`` and its bounds, counted."""
+        c = self.spec.compression
+        what = "our activations" if channel == "activations" else "our input gradients"
+        outgoing = encode_outgoing(tensor, getattr(c, channel), c.block_size, self.spec.pipeline.max_activation,
+                                   what, extra)
+        if outgoing.error is None:
+            self._record_ratio(channel, tensor, outgoing.tensors[0].payload)
+        return outgoing
 
     async def _process_backward(self, mb_id: bytes, held: HeldMicrobatch, grad: torch.Tensor, loss: float) -> None:
         try:
@@ -383,12 +397,6 @@ class PipelineService:
             except Exception as e:
                 self._hop_failed(upstream, f"backward failed: {type(e).__name__}: {e}")
                 return
-
-    def _encode_outgoing(self, tensor: torch.Tensor, codec: str, what: str) -> EncodedTensor:
-        """On the lane: encode a tensor we send, after the checks every receiver applies. Ours failing them
-        (a diverging stage) is no peer's fault: the caller drops the microbatch instead of banning receivers."""
-        check_magnitude(tensor, self.spec.pipeline.max_activation, what)
-        return encode_tensor(tensor, codec, block_size=self.spec.compression.block_size)
 
     def _with_outstanding(self, peers: list[PeerInfo]) -> list[PeerInfo]:
         """Add to each peer's announced queue the microbatches we have outstanding there right now:
