@@ -66,6 +66,7 @@ from swarmd.swarm.outer import (  # noqa: E402
     chunk_bounds,
     commit_residuals,
     outer_step_,
+    own_move_norm,
     payload_problem,
     payload_sums,
     sum_of_squares,
@@ -136,10 +137,12 @@ def judge(own: OuterState, own_theta: torch.Tensor, payload: tuple[list, list], 
         progress_sq, distance_sq = progress_sq + p_sq, distance_sq + d_sq
     phi_norm, progress_norm = math.sqrt(sum_of_squares(own.phi)), math.sqrt(sum_of_squares(own_theta - own.phi))
     a = setup.averaging
-    problem = payload_problem(phi_norm, progress_norm, progress_sq, distance_sq, max_divergence=a.max_divergence,
-                              max_distance_ratio=a.max_distance_ratio, max_progress_ratio=a.max_progress_ratio)
-    distance, scale = math.sqrt(distance_sq), max(progress_norm, 1e-12)
-    return problem, (distance / scale, distance / phi_norm, math.sqrt(progress_sq) / scale)
+    move_norm = own_move_norm(own)
+    problem = payload_problem(phi_norm, progress_norm, move_norm, progress_sq, distance_sq,
+                              max_divergence=a.max_divergence, max_distance_ratio=a.max_distance_ratio,
+                              max_progress_ratio=a.max_progress_ratio)
+    distance, drift, scale = math.sqrt(distance_sq), max(progress_norm, move_norm, 1e-12), max(progress_norm, 1e-12)
+    return problem, (distance / drift, distance / phi_norm, math.sqrt(progress_sq) / scale)
 
 
 def honest_step(state: OuterState, theta: torch.Tensor, payload: tuple[list, list] | None,

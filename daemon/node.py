@@ -47,6 +47,7 @@ from swarmd.protocols import rpc
 from swarmd.protocols.limits import DEFAULT_LIMITS
 from swarmd.protocols.wire import PROTOCOL_VERSION, Message, encode_message
 from swarmd.swarm.balancing import choose_move, choose_stage, stage_throughputs
+from swarmd.swarm.catch_up import replica_ahead
 from swarmd.swarm.data import CorpusSampler, stream_seed, validation_batches
 from swarmd.swarm.model import build_stage
 from swarmd.swarm.outer import OuterState, ParameterReplica
@@ -119,6 +120,8 @@ class Node:
         self.stage_stop = asyncio.Event()
         self._stage_tasks: list[asyncio.Task] = []
         self._boundaries = 0
+        self._catch_up_due = False  # the stage's state came from no live replica: look again at the first boundary
+        self._stage_change = asyncio.Lock()  # a rebalancing move and a catch-up never overlap
         self._first_step: int | None = None  # our inner step when run() started (None: not running yet)
         self.entered_at = time.monotonic()
 
@@ -265,6 +268,7 @@ class Node:
             weight_stashes=spec.pipeline.weight_stashes, precision=o.precision,
         )
         await self._announce_joining()
+        self._catch_up_due = True  # until a live replica's state is downloaded
         adopted = await self._stage_state(stage)
         self.donor = StateDonor(self.transport, stage, self.lane, self._snapshot, self.metrics)
         await self.donor.register()
@@ -341,6 +345,7 @@ class Node:
                 print(f"state sync failed ({e}); restoring {own.path} instead", flush=True)
             else:
                 self.worker.inner_step = result.inner_step
+                self._catch_up_due = False
                 if result.outer is None:
                     return None
                 print(f"adopted the outer state of {result.donors[0] if result.donors else '?'} "
@@ -495,7 +500,17 @@ class Node:
         self._stage_tasks = []
 
     async def _at_boundary(self) -> str:
-        """Every H inner steps: the outer step (if the run averages), then every N boundaries a checkpoint."""
+        """Every H inner steps: the outer step (if the run averages), then every N boundaries a checkpoint.
+        At the first boundary of a replica that started without a live replica's state, when another replica
+        of the stage has got more than H steps ahead meanwhile (swarmd.swarm.catch_up), a catch-up instead."""
+        if self._catch_up_due and self.outer is not None:
+            self._catch_up_due = False
+            await self.peers.refresh(self.dht, self.spec.run_id)
+            others = [p for p in self.peers.stage(self.stage) if p.peer_id != self.peer_id]
+            lead = replica_ahead(others, self.stage, self.worker.inner_step, self.spec.averaging.inner_steps)
+            if lead is not None:  # re-entering the stage stops this loop: run it beside
+                self._tasks.append(asyncio.create_task(self._catch_up(lead)))
+                return "catch_up"
         result = await self.outer.outer_step() if self.outer is not None else "none"
         self._boundaries += 1
         every = self.spec.checkpoint.every_outer_steps
@@ -636,16 +651,35 @@ class Node:
     async def move_to(self, stage: int) -> None:
         """Leave our stage (withdraw, drain, stop its services), then enter ``stage``: download its state and
         serve it. The old stage's microbatches still held here are dropped; their drivers reroute them."""
-        old = self.stage
-        totals = ",".join(f"{t:.0f}" for t in stage_throughputs(self.peers.all(), self.spec.pipeline.stages))
-        print(f"moving from stage {old} to stage {stage} (throughput per stage {totals})", flush=True)
+        async with self._stage_change:
+            totals = ",".join(f"{t:.0f}" for t in stage_throughputs(self.peers.all(), self.spec.pipeline.stages))
+            print(f"moving from stage {self.stage} to stage {stage} (throughput per stage {totals})", flush=True)
+            await self._reenter(stage)
+            self.metrics.stage_moves.inc()
+            print(f"moved to stage {stage} at step {self.worker.inner_step}", flush=True)
+
+    async def _catch_up(self, lead: PeerInfo) -> None:
+        """Leave our stage and enter it again, which downloads the state of ``lead``, the replica that got
+        ahead (see _at_boundary)."""
+        async with self._stage_change:
+            if self.pipeline is None:
+                return
+            print(f"replica {lead.peer_id[-8:]} of stage {self.stage} is at step {lead.inner_step}, "
+                  f"{lead.inner_step - self.worker.inner_step} steps ahead of this one, which started without "
+                  "the stage's state: re-entering the stage to adopt it", flush=True)
+            try:
+                await self._reenter(self.stage)
+            except Exception as e:
+                print(f"catching up failed ({type(e).__name__}: {e}); stopping", flush=True)
+                self.stop_event.set()
+
+    async def _reenter(self, stage: int) -> None:
+        """Leave our stage and enter ``stage`` (ours again for a catch-up), then run its loops."""
         await self._leave_stage()
         await self._enter_stage(stage)
-        self.metrics.stage_moves.inc()
         self._first_step = self.worker.inner_step
         self.write_ready_file()
         self._start_stage_tasks()
-        print(f"moved to stage {stage} at step {self.worker.inner_step}", flush=True)
 
     async def _leave_stage(self, drain_s: float = DRAIN_S) -> None:
         """Withdraw from the stage, stop driving, let held microbatches finish (up to ``drain_s``), close the

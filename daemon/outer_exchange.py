@@ -59,6 +59,7 @@ class Exchange:
     own_phi: torch.Tensor  # our phi itself (not a copy: nothing writes it before the step is applied)
     own_phi_norm: float
     own_progress_norm: float
+    own_move_norm: float  # how far our phi moved at our last outer step, if solo (swarm.outer.own_move_norm)
     theta_snap: torch.Tensor | None  # the weights our payload was taken from (None once a solo step dropped it)
     partner_phi: list[Payload | None]  # the partner's chunks as they arrived (int8 blocks on our device)
     partner_progress: list[Payload | None]
@@ -119,7 +120,8 @@ class Exchange:
         """Why the partner's payload must be rejected (``payload_problem`` under ``config``'s bounds), or None."""
         if len(self.received) != len(self.bounds):
             return f"only {len(self.received)} of {len(self.bounds)} chunks arrived"
-        return payload_problem(self.own_phi_norm, self.own_progress_norm, self.progress_sq, self.distance_sq,
+        return payload_problem(self.own_phi_norm, self.own_progress_norm, self.own_move_norm, self.progress_sq,
+                               self.distance_sq,
                                max_divergence=config.max_divergence, max_distance_ratio=config.max_distance_ratio,
                                max_progress_ratio=config.max_progress_ratio)
 

@@ -48,7 +48,8 @@ from swarmd.protocols.errors import ProtocolError
 from swarmd.protocols.limits import Limits
 from swarmd.protocols.wire import Message, RemoteError, StreamEnded, encode_message
 from swarmd.swarm.outer import (
-    OuterState, PartnerBans, Replica, chunk_bounds, commit_residuals, encode_payload, outer_step_, sum_of_squares,
+    OuterState, PartnerBans, Replica, chunk_bounds, commit_residuals, encode_payload, outer_step_, own_move_norm,
+    sum_of_squares,
 )
 from swarmd.swarm.pairing import TAKEN, PairingState, Phase, choose_partner
 
@@ -86,9 +87,18 @@ class NoLoCoService:
 
     async def start(self, adopt: OuterState | None = None) -> None:
         """Take phi from the current weights (or ``adopt`` a live replica's outer state, for a joiner that
-        downloaded that replica's weights) and serve the outer-step RPCs."""
+        downloaded that replica's weights) and serve the outer-step RPCs.
+
+        A joiner keeps the donor's momentum and outer step but takes the downloaded weights as its phi, as if
+        it had just stepped: its first payload then covers its own H inner steps, as its partners' do. With the
+        donor's phi, its progress would include all the donor learned since its last outer step, which can
+        span a long wait for a partner, and the partners' progress bound (max_progress_ratio) rejects that."""
         theta = await self.lane.run(self.replica.read_flat)
-        self.state = OuterState.start(theta) if adopt is None else OuterState.adopt(theta, adopt)
+        if adopt is None:
+            self.state = OuterState.start(theta)
+        else:
+            self.state = OuterState.adopt(theta, adopt)
+            self.state.phi.copy_(theta)
         device = self.state.phi.device  # a partner's chunks land there, as int8 blocks
         await self.transport.serve(rpc.PAIR, "pair", self._on_pair, ("pair_request",), channel="averaging")
         await self.transport.serve(rpc.OUTER_CHUNK, "outer_chunk", self._on_chunk, ("outer_chunk",),
@@ -205,6 +215,7 @@ class NoLoCoService:
         return Exchange(
             numel=state.numel, bounds=bounds, own_chunks=chunks, own_phi=state.phi,
             own_phi_norm=math.sqrt(sum_of_squares(state.phi)), own_progress_norm=math.sqrt(progress_sq),
+            own_move_norm=own_move_norm(state),
             theta_snap=theta, partner_phi=[None] * len(bounds), partner_progress=[None] * len(bounds),
         )
 

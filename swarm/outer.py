@@ -94,6 +94,7 @@ class OuterState:
     delta: torch.Tensor
     outer_step: int = 0
     move_scale: float = 1.0  # the factor the last outer step's move was scaled by (< 1: clipped by max_move)
+    last_step_solo: bool = True  # the last outer step took no partner's payload (or there was none yet)
     residual_phi: torch.Tensor | None = field(default=None, repr=False)
     residual_progress: torch.Tensor | None = field(default=None, repr=False)
 
@@ -193,18 +194,27 @@ def payload_sums(own_phi: torch.Tensor, phi: Payload, progress: Payload) -> tupl
     return sum_of_squares(payload_values(progress)), sum_of_squares(payload_values(phi) - own_phi)
 
 
+def own_move_norm(state: OuterState) -> float:
+    """How far our phi moved at our last outer step, ||delta||, if that step was solo (all our own learning),
+    else 0: a paired move carries the partner's pull, which a poisoner would use to widen the distance bound
+    of ``payload_problem`` for its next victim. A joiner counts the move it adopted with its donor's state."""
+    return math.sqrt(sum_of_squares(state.delta)) if state.last_step_solo else 0.0
+
+
 def payload_problem(
-    own_phi_norm: float, own_progress_norm: float, partner_progress_sq: float, distance_sq: float, *,
-    max_divergence: float, max_distance_ratio: float, max_progress_ratio: float,
+    own_phi_norm: float, own_progress_norm: float, own_move_norm: float, partner_progress_sq: float,
+    distance_sq: float, *, max_divergence: float, max_distance_ratio: float, max_progress_ratio: float,
 ) -> str | None:
     """Why a partner's whole payload must be rejected, or None to accept it.
 
     - Its phi must lie within ``max_divergence`` x ||our phi|| of ours (a norm bound alone lets phi' = -9 phi
-      through), and within ``max_distance_ratio`` x our own progress norm ||theta - phi||. Replicas drift apart
-      by what each learns on its own between pairings, so that is the scale of honest distances whatever H,
-      the learning rate or the point in training; a bound in ||phi|| alone must allow early training's large
-      steps, and later lets a partner whose phi drifts a little further each outer step drag its partners
-      along.
+      through), and within ``max_distance_ratio`` x our own drift: the larger of our progress norm
+      ||theta - phi|| and our last outer move if it was solo (``own_move_norm``). Replicas drift apart by what each learns on its own between pairings, so that is the
+      scale of honest distances whatever H, the learning rate or the point in training; a bound in ||phi||
+      alone must allow early training's large steps, and later lets a partner whose phi drifts a little
+      further each outer step drag its partners along. The last move counts because a replica that stepped
+      solo after a long wait for a partner moved its phi by all it learned while waiting, and the partner it
+      meets next may still sit where it left (one that adopted its state meanwhile, or missed it on the board).
     - Its progress theta - phi must be at most ``max_progress_ratio`` x ours.
 
     Finiteness and shapes are checked per chunk on arrival; this catches finite but hostile payloads.
@@ -213,9 +223,10 @@ def payload_problem(
     divergence = distance / max(own_phi_norm, 1e-30)
     if not divergence <= max_divergence:  # "not <=": a NaN is a rejection too
         return f"partner phi is {divergence:.3g} x our phi's norm away from ours (limit {max_divergence:g})"
-    if not distance <= max_distance_ratio * own_progress_norm:
-        return (f"partner phi is {distance / max(own_progress_norm, 1e-30):.3g} x our progress norm away from "
-                f"ours (limit {max_distance_ratio:g})")
+    drift = max(own_progress_norm, own_move_norm)
+    if not distance <= max_distance_ratio * drift:
+        return (f"partner phi is {distance / max(drift, 1e-30):.3g} x our own drift (progress or last move) away "
+                f"from ours (limit {max_distance_ratio:g})")
     progress_norm = math.sqrt(partner_progress_sq)
     if not progress_norm <= max_progress_ratio * own_progress_norm:
         return (f"partner progress norm {progress_norm:.3g} exceeds {max_progress_ratio:g}x ours "
@@ -331,3 +342,4 @@ def outer_step_(
         theta.copy_(phi)
     state.outer_step += 1
     state.move_scale = scale
+    state.last_step_solo = partner is None

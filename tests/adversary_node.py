@@ -1,4 +1,5 @@
-"""A swarmd volunteer that misbehaves in NoLoCo outer steps (and only there), for multi-process tests.
+"""A swarmd volunteer that misbehaves in NoLoCo outer steps (and only there), or starts late, for multi-process
+tests.
 
 usage: python tests/adversary_node.py MODE <swarmd join arguments...>
 
@@ -10,6 +11,9 @@ MODE is one of
          everyone on it, over and over until its pairing deadline (a member trying to take pairing over)
   hang   once it received the first chunk of a partner's payload it writes ``<node dir>/hung`` and
          freezes (the test then kills it with SIGKILL: a partner dying mid-exchange)
+  late   the first time it enters its stage it starts from the run's initial weights, whatever the stage's
+         progress (an honest volunteer that read an untrained stage together with another replica, then
+         started training late)
 
 Everything else (pipeline, DHT, heartbeats) is the real swarmd, run through its real CLI.
 """
@@ -28,6 +32,7 @@ import swarmd.daemon.outer_exchange as exchange
 import swarmd.daemon.outer_service as outer
 import swarmd.swarm.outer as payloads  # encode_payload: what a replica sends in an outer step
 from swarmd.daemon import cli
+from swarmd.daemon.node import Node
 from swarmd.protocols import rpc
 from swarmd.protocols.codecs import encode_tensor
 from swarmd.protocols.wire import encode_message
@@ -84,6 +89,14 @@ def main() -> int:
             time.sleep(3600)  # blocks the event loop: the node stops answering anyone
 
         exchange.Exchange.store = store_then_hang
+    elif mode == "late":
+        stage_state, entries = Node._stage_state, []
+
+        async def from_initial_weights_once(self, stage):
+            entries.append(stage)
+            return None if len(entries) == 1 else await stage_state(self, stage)
+
+        Node._stage_state = from_initial_weights_once
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     return cli.main(args)

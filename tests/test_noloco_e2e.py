@@ -156,6 +156,28 @@ def test_pair_requests_from_off_the_ready_board_are_refused(tmp_path: Path, swar
         stop_children(s.children)
 
 
+def test_replica_that_started_late_catches_up(tmp_path: Path, swarm_env: dict[str, str]) -> None:
+    """A replica that starts from the initial weights while the stage's other replica has trained ahead (two
+    joiners read the stage untrained, one started late) adopts the leader's state at its first boundary
+    instead of offering it a payload from far behind: then the two pair, and neither finds the other's phi too
+    far from its own (a progress-ratio verdict between replicas of unequal speed is another matter)."""
+    # a short pair timeout: a lone replica's solo steps then cover ~100 inner steps, not the ~500 of a 5 s wait
+    # (early in training that many steps move phi by more than its own norm: past max_divergence)
+    spec = write_spec(tmp_path / "run.toml", outer="noloco", inner_steps=10, pair_timeout_s=1.0,
+                      chunk_elements=16384)
+    with swarm(tmp_path, swarm_env) as s:
+        s.start_seed(spec, "--stage", "0")
+        s.join("v1", "--stage", "1")
+        wait_for(lambda: s.metrics("v1")["swarmd_inner_steps_total"] >= 50, 120, "v1 to train ahead")
+        s.join_all({"v3": ["--stage", "1"]}, launchers={"v3": (*ADVERSARY, "late")})
+        wait_for(lambda: "re-entering the stage to adopt it" in s.output("v3"), 120, "v3 to catch up")
+        for n in ("v1", "v3"):
+            wait_for(lambda: _outer(s.metrics(n), "paired") >= 2, 180, f"{n}'s paired outer steps")
+        for n in ("v1", "v3"):
+            assert "phi's norm away" not in s.output(n) and "own drift" not in s.output(n), s.output(n)
+        stop_children(s.children)
+
+
 def test_partner_that_stalls_is_banned(tmp_path: Path, swarm_env: dict[str, str]) -> None:
     """A partner that pairs and then sends nothing: after the stall timeout the victim steps solo ("failed"),
     counts it as "stalled" and bans it (no more outer steps with it while the ban lasts), and keeps training."""

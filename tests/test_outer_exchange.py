@@ -23,7 +23,8 @@ def _exchange(numel: int = 10, chunk: int = 4, own_progress: float = 1.0) -> Exc
     """Our phi is all ones (norm sqrt(numel)), our progress norm ``own_progress``."""
     bounds = chunk_bounds(numel, chunk)
     return Exchange(numel=numel, bounds=bounds, own_chunks=[], own_phi=torch.ones(numel),
-                     own_phi_norm=math.sqrt(numel), own_progress_norm=own_progress, theta_snap=torch.zeros(numel),
+                     own_phi_norm=math.sqrt(numel), own_progress_norm=own_progress, own_move_norm=0.0,
+                     theta_snap=torch.zeros(numel),
                      partner_phi=[None] * len(bounds), partner_progress=[None] * len(bounds))
 
 
@@ -58,7 +59,7 @@ def test_problem_judges_the_payload_against_our_phi_and_progress():
     assert "phi's norm away" in _partner(-9.0, 0.3).problem(CONFIG)  # phi' = -9 phi
     assert "phi's norm away" in _partner(2.01, 0.3).problem(CONFIG)  # 1.01 x ||phi||
     assert _partner(1.79, 0.15, own_progress=0.5).problem(CONFIG) is None  # 4.996 progress norms
-    assert "progress norm away" in _partner(1.8, 0.15, own_progress=0.5).problem(CONFIG)  # 5.06
+    assert "own drift" in _partner(1.8, 0.15, own_progress=0.5).problem(CONFIG)  # 5.06
     assert "progress norm" in _partner(1.0, 0.64).problem(CONFIG)  # progress norm 2.02: over 2x ours
 
 

@@ -26,6 +26,7 @@ from swarmd.swarm.outer import (
     encode_payload,
     flatten_parameters,
     outer_step_,
+    own_move_norm,
     payload_problem,
     payload_sums,
     payload_values,
@@ -180,7 +181,7 @@ BOUNDS = {"max_divergence": 1.0, "max_distance_ratio": 5.0, "max_progress_ratio"
 
 def _problem(own_phi: torch.Tensor, own_progress: torch.Tensor, phi: torch.Tensor, progress: torch.Tensor) -> str | None:
     """payload_problem on tensors, as the daemon sums them."""
-    return payload_problem(float(own_phi.double().norm()), float(own_progress.double().norm()),
+    return payload_problem(float(own_phi.double().norm()), float(own_progress.double().norm()), 0.0,
                            *payload_sums(own_phi, phi, progress), **BOUNDS)
 
 
@@ -191,7 +192,7 @@ def test_payload_problem_accepts_an_honest_partner():
     assert _problem(phi, progress, partner_phi, 0.1 * _rand(500, 6)) is None
     assert _problem(phi, progress, phi.clone(), torch.zeros(500)) is None
     # right at the bounds is still fine
-    assert payload_problem(10.0, 2.0, 4.0**2, 10.0**2, **BOUNDS) is None
+    assert payload_problem(10.0, 2.0, 0.0, 4.0**2, 10.0**2, **BOUNDS) is None
 
 
 @pytest.mark.parametrize("scale", [-9.0, -1.0, 0.0, 2.0, 1e6])
@@ -205,10 +206,35 @@ def test_payload_problem_rejects_a_partner_far_from_our_phi(scale: float):
 def test_payload_problem_bounds_the_distance_in_our_progress_norms_and_in_our_phi_norm():
     """Whichever bound is the tighter rules: our progress norm 1, ||phi|| 10 (the first bound, 5) or 4 (the
     second, 4)."""
-    assert payload_problem(10.0, 1.0, 1.0, 4.99**2, **BOUNDS) is None
-    assert "progress norm away" in payload_problem(10.0, 1.0, 1.0, 5.01**2, **BOUNDS)
-    assert payload_problem(4.0, 1.0, 1.0, 3.99**2, **BOUNDS) is None
-    assert "phi's norm away" in payload_problem(4.0, 1.0, 1.0, 4.01**2, **BOUNDS)
+    assert payload_problem(10.0, 1.0, 0.0, 1.0, 4.99**2, **BOUNDS) is None
+    assert "own drift" in payload_problem(10.0, 1.0, 0.0, 1.0, 5.01**2, **BOUNDS)
+    assert payload_problem(4.0, 1.0, 0.0, 1.0, 3.99**2, **BOUNDS) is None
+    assert "phi's norm away" in payload_problem(4.0, 1.0, 0.0, 1.0, 4.01**2, **BOUNDS)
+
+
+def test_payload_problem_measures_the_distance_in_our_last_move_when_that_is_larger():
+    """Right after a solo step that covered a long wait, our phi moved by 3 (||delta||) while our progress since
+    is 1: a partner still where we left sits 3 away, within 5 x 3; the ||phi|| bound still rules."""
+    assert payload_problem(100.0, 1.0, 3.0, 1.0, 3.0**2, **BOUNDS) is None
+    assert payload_problem(100.0, 1.0, 3.0, 1.0, 14.99**2, **BOUNDS) is None
+    assert "own drift" in payload_problem(100.0, 1.0, 3.0, 1.0, 15.01**2, **BOUNDS)
+    assert "own drift" in payload_problem(100.0, 1.0, 0.5, 1.0, 5.01**2, **BOUNDS)  # progress is the larger
+    assert "phi's norm away" in payload_problem(10.0, 1.0, 3.0, 1.0, 10.01**2, **BOUNDS)
+    assert "progress norm" in payload_problem(100.0, 1.0, 3.0, 2.01**2, 0.0, **BOUNDS)  # not in the move
+
+
+def test_own_move_counts_only_after_a_solo_step():
+    """The last move widens our bound only if it was all our own learning: a paired move carries the partner's
+    pull (a poisoner's, maybe)."""
+    theta = _rand(500, 3)
+    state = OuterState.start(theta)
+    assert own_move_norm(state) == 0.0  # no move yet
+    moved = theta + 0.1 * _rand(500, 5)
+    outer_step_(state, moved.clone(), None, beta=1.0, gamma=1.0, mu=0.0)
+    assert state.last_step_solo and own_move_norm(state) == pytest.approx(float((moved - theta).double().norm()))
+    partner = [(state.phi.clone(), torch.zeros(500))]
+    outer_step_(state, state.phi.clone(), partner, beta=1.0, gamma=1.0, mu=0.0)
+    assert not state.last_step_solo and own_move_norm(state) == 0.0
 
 
 def test_payload_problem_rejects_progress_over_the_ratio_of_ours():
@@ -220,15 +246,15 @@ def test_payload_problem_rejects_progress_over_the_ratio_of_ours():
 
 @pytest.mark.parametrize("progress_sq,distance_sq", [(math.inf, 0.0), (0.0, math.inf), (math.nan, 0.0), (0.0, math.nan)])
 def test_payload_problem_rejects_nonfinite_sums(progress_sq: float, distance_sq: float):
-    assert payload_problem(1.0, 1.0, progress_sq, distance_sq, **BOUNDS) is not None
+    assert payload_problem(1.0, 1.0, 0.0, progress_sq, distance_sq, **BOUNDS) is not None
 
 
 def test_payload_problem_with_no_progress_of_our_own():
     """A replica that made no progress has no yardstick: it accepts only a payload identical to its own."""
-    assert payload_problem(1.0, 0.0, 0.0, 0.0, **BOUNDS) is None
-    assert payload_problem(1.0, 0.0, 0.0, 1e-6, **BOUNDS) is not None
-    assert payload_problem(1.0, 0.0, 1e-6, 0.0, **BOUNDS) is not None
-    assert payload_problem(0.0, 0.0, 0.0, 0.0, **BOUNDS) is None  # phi = 0 too
+    assert payload_problem(1.0, 0.0, 0.0, 0.0, 0.0, **BOUNDS) is None
+    assert payload_problem(1.0, 0.0, 0.0, 0.0, 1e-6, **BOUNDS) is not None
+    assert payload_problem(1.0, 0.0, 0.0, 1e-6, 0.0, **BOUNDS) is not None
+    assert payload_problem(0.0, 0.0, 0.0, 0.0, 0.0, **BOUNDS) is None  # phi = 0 too
 
 
 # ---------------------------------------------------------------- the ban rule

@@ -96,7 +96,7 @@ def test_the_outer_service_fails_the_exchange_on_a_dropped_chunk_and_rejects_a_b
                                 (ProtocolError("busy", "too many"), Failed),
                                 (ProtocolError("nonfinite", "NaN"), Rejected)):
             ex = Exchange(numel=1, bounds=[(0, 1)], own_chunks=[], own_phi=None, own_phi_norm=1.0,
-                           own_progress_norm=1.0, theta_snap=None, partner_phi=[None], partner_progress=[None])
+                           own_progress_norm=1.0, own_move_norm=0.0, theta_snap=None, partner_phi=[None], partner_progress=[None])
             ex.failure = loop.create_future()
             service._exchange = ex
             service._on_reject("someone-else", error)  # not our partner: ignored
