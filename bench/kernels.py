@@ -42,25 +42,38 @@ class Op:
     name: str
     nbytes: int
     impls: dict[str, Callable[[], object]]
-    reset: Callable[[], object] | None = None  # restores the inputs before each implementation is timed
+    reset: Callable[[], object] | None = None  # restores the inputs before each timed call (not timed)
 
 
-def _timeit(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
-    """Median seconds of ``fn`` after two warm-up calls."""
+def _time_interleaved(op: Op, device: torch.device, repeat: int) -> dict[str, float]:
+    """Median seconds of each of ``op``'s implementations after two warm-up calls each. The implementations
+    take turns within every repeat, so that a neighbour's load on a shared machine weighs on all of them
+    alike and their ratios hold even when the absolute figures swing."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):
-        fn()
-    sync()
-    times = []
+    impls = dict(op.impls)
+    for impl, fn in list(impls.items()):
+        try:
+            for _ in range(2):
+                if op.reset is not None:
+                    op.reset()
+                fn()
+            sync()
+        except Exception as exc:  # noqa: BLE001 - e.g. torch.compile without a working toolchain
+            print(f"# {op.name} / {impl} skipped: {exc.__class__.__name__}: {str(exc)[:120]}")
+            del impls[impl]
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for impl, fn in impls.items():
+            if op.reset is not None:
+                op.reset()
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[impl].append(time.perf_counter() - t0)
+    return {impl: statistics.median(t) for impl, t in times.items()}
 
 
-# Eager, unfused references: the obvious torch code for each operation (whole blocks only).
 def ref_quant(x: torch.Tensor, r: torch.Tensor, bs: int, qmax: int):
     y = (x.float() + r).view(-1, bs)
     scale = y.abs().amax(dim=1) / qmax
@@ -278,7 +291,7 @@ def main() -> None:
     p.add_argument("--numel", type=int, default=1 << 22)
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--repeat", type=int, default=15)
     p.add_argument("--no-compile", action="store_true")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -294,13 +307,8 @@ def main() -> None:
 
     gbps: dict[tuple[str, str], float] = {}
     for op in ops:
-        for impl, fn in list(op.impls.items()):
-            if op.reset is not None:
-                op.reset()
-            try:
-                gbps[op.name, impl] = op.nbytes / _timeit(fn, device, args.repeat) / 1e9
-            except Exception as exc:  # noqa: BLE001 - e.g. torch.compile without a working toolchain
-                print(f"# {op.name} / {impl} skipped: {exc.__class__.__name__}: {str(exc)[:120]}")
+        for impl, seconds in _time_interleaved(op, device, args.repeat).items():
+            gbps[op.name, impl] = op.nbytes / seconds / 1e9
     copy = gbps["copy fp32", "copy"]
 
     cols = ["fallback", "eager fallback", "triton", "eager-ref", "compiled-ref", "bitsandbytes"]

@@ -13,10 +13,13 @@ through the daemon's own code:
   keeping int8 blocks; the sent chunks and the received ones), and an honest replica whose payload was used
   keeps its error feedback (``commit_residuals``);
 - each honest replica judges its partner's payload as NoLoCoService does: ``payload_sums`` per chunk, then
-  ``payload_problem`` under the run spec's AveragingConfig bounds. The driver (the smaller index, the
-  proposer in the daemon) judges first; if it rejects, the other's step "failed" (it got a reject verdict);
+  ``payload_problem`` under the run spec's AveragingConfig bounds (whether it paired with that partner before
+  from ``PartnerBans.knows``), and ``pull_scale`` for the pull of a payload it accepts. The driver (the
+  smaller index, the proposer in the daemon) judges first; if it rejects, the other's step "failed" (it got a
+  reject verdict);
 - every outcome goes through ``PartnerBans.settle`` (the daemon's ban rule, its clock the replica's outer steps);
-- the update is ``outer_step_`` with the spec's beta, gamma, mu and ``max_move`` clip; a rejected pair steps solo.
+- the update is ``outer_step_`` with the spec's beta, gamma (times the pull scale), mu and ``max_move`` clip; a
+  rejected pair steps solo.
 
 The poisoner is replica 0 of stage 0. It trains honestly (its forward and backward serve the pipeline with
 honest weights); only what it does in outer steps is hostile:
@@ -66,9 +69,9 @@ from swarmd.swarm.outer import (  # noqa: E402
     chunk_bounds,
     commit_residuals,
     outer_step_,
-    own_move_norm,
     payload_problem,
     payload_sums,
+    pull_scale,
     sum_of_squares,
 )
 
@@ -89,7 +92,8 @@ class HonestStats:
     progress_ratio: float = 0.0  # ||partner's theta - phi|| / ||ours||
     move: float = 0.0  # ||phi change|| / ||phi|| before the clip
     rejected: int = 0  # honest payloads an honest replica rejected (false positives)
-    clipped: int = 0  # honest replicas' outer steps whose move was clipped
+    pulls_clipped: int = 0  # honest payloads whose pull an honest replica clipped (pull_scale < 1)
+    clipped: int = 0  # honest replicas' outer steps whose move was clipped (max_move)
 
 
 @dataclass
@@ -128,30 +132,32 @@ def match(n: int, bans: list[PartnerBans], clocks: list[int], generator: torch.G
 
 
 def judge(own: OuterState, own_theta: torch.Tensor, payload: tuple[list, list], bounds: list[tuple[int, int]],
-          setup: Setup) -> tuple[str | None, tuple[float, float, float]]:
-    """NoLoCoService's verdict on a partner's payload: (problem or None, (its distance from our phi in our
-    progress norms, the same in ||phi||, its progress ratio to ours))."""
+          setup: Setup, known: bool) -> tuple[str | None, float, tuple[float, float, float]]:
+    """NoLoCoService's verdict on a partner's payload (``known``: paired with it before): (problem or None, the
+    pull scale if accepted, (its distance from our phi in our own drifts, the same in ||phi||, its progress
+    ratio to ours))."""
     progress_sq = distance_sq = 0.0
     for (start, end), (phi, progress) in zip(bounds, payload[1]):
         p_sq, d_sq = payload_sums(own.phi[start:end], phi, progress)
         progress_sq, distance_sq = progress_sq + p_sq, distance_sq + d_sq
     phi_norm, progress_norm = math.sqrt(sum_of_squares(own.phi)), math.sqrt(sum_of_squares(own_theta - own.phi))
     a = setup.averaging
-    move_norm = own_move_norm(own)
+    move_norm = own.last_move_norm
     problem = payload_problem(phi_norm, progress_norm, move_norm, progress_sq, distance_sq,
                               max_divergence=a.max_divergence, max_distance_ratio=a.max_distance_ratio,
-                              max_progress_ratio=a.max_progress_ratio)
+                              max_progress_ratio=a.max_progress_ratio, known=known)
+    pull = pull_scale(distance_sq, progress_norm, move_norm, a.max_distance_ratio)
     distance, drift, scale = math.sqrt(distance_sq), max(progress_norm, move_norm, 1e-12), max(progress_norm, 1e-12)
-    return problem, (distance / drift, distance / phi_norm, math.sqrt(progress_sq) / scale)
+    return problem, pull, (distance / drift, distance / phi_norm, math.sqrt(progress_sq) / scale)
 
 
 def honest_step(state: OuterState, theta: torch.Tensor, payload: tuple[list, list] | None,
-                setup: Setup) -> torch.Tensor:
-    """The daemon's outer step (paired with ``payload``, or solo), clipped; returns the new weights (in
-    ``theta``'s buffer)."""
+                setup: Setup, pull: float = 1.0) -> torch.Tensor:
+    """The daemon's outer step (paired with ``payload`` and its ``pull`` scale, or solo), clipped; returns the new
+    weights (in ``theta``'s buffer)."""
     a = setup.averaging
-    outer_step_(state, theta, payload[1] if payload is not None else None, beta=a.beta, gamma=a.gamma, mu=a.mu,
-                max_move=a.max_move)
+    outer_step_(state, theta, payload[1] if payload is not None else None, beta=a.beta, gamma=a.gamma * pull,
+                mu=a.mu, max_move=a.max_move)
     return theta
 
 
@@ -179,13 +185,13 @@ class Poisoner:
         return wire_payload(OuterState.start(phi), phi + sent_progress, bounds, setup)
 
     def step(self, state: OuterState, theta: torch.Tensor, payload: tuple[list, list] | None,
-             setup: Setup) -> torch.Tensor:
+             setup: Setup, pull: float = 1.0) -> torch.Tensor:
         """Its own outer step: phi <- phi + 2 (theta - phi), no pull toward anyone, if its weights drift;
         else an honest one (with whoever accepted it)."""
         if self.mode == "drift" and self.drifted_weights:
             outer_step_(state, theta, beta=DRIFT, gamma=0.0, mu=0.0)
             return theta
-        return honest_step(state, theta, payload, setup)
+        return honest_step(state, theta, payload, setup, pull)
 
 
 def unguarded(setup: Setup) -> Setup:
@@ -207,16 +213,17 @@ def outer_round(replicas: list, states: list[OuterState], bans: list[PartnerBans
     bounds = chunk_bounds(thetas[0].numel(), setup.chunk_elements)
     payloads = [poisoner.payload(states[i], thetas[i], bounds, setup) if i in hostile
                 else wire_payload(states[i], thetas[i], bounds, setup) for i in range(n)]
-    stats, partner_of = result.honest, {}
+    stats, partner_of, pull = result.honest, {}, [1.0] * n
     for driver, other in pairs:
         rejecter = None
         for judge_i, sender in ((driver, other), (other, driver)):  # the driver's reject verdict ends it first
             if judge_i in hostile:
                 continue  # the poisoner takes anything
-            problem, (distance_ratio, divergence, ratio) = judge(states[judge_i], thetas[judge_i], payloads[sender],
-                                                                 bounds, setup)
+            problem, pull[judge_i], (distance_ratio, divergence, ratio) = judge(
+                states[judge_i], thetas[judge_i], payloads[sender], bounds, setup, bans[judge_i].knows(str(sender)))
             if not hostile:
                 stats.pairs, stats.rejected = stats.pairs + 1, stats.rejected + (problem is not None)
+                stats.pulls_clipped += problem is None and pull[judge_i] < 1.0
                 stats.distance_ratio = max(stats.distance_ratio, distance_ratio)
                 stats.divergence = max(stats.divergence, divergence)
                 stats.progress_ratio = max(stats.progress_ratio, ratio)
@@ -239,12 +246,12 @@ def outer_round(replicas: list, states: list[OuterState], bans: list[PartnerBans
     for i in range(n):
         payload = payloads[partner_of[i]] if i in partner_of else None  # each payload is used once: scratch
         if i in hostile:
-            replicas[i].load(poisoner.step(states[i], thetas[i], payload, setup))
+            replicas[i].load(poisoner.step(states[i], thetas[i], payload, setup, pull[i]))
             continue
         before = states[i].phi.clone()
         if i in partner_of:  # its payload was used: keep its error feedback
             commit_residuals(states[i], thetas[i], bounds, payloads[i][0])
-        replicas[i].load(honest_step(states[i], thetas[i], payload, setup))
+        replicas[i].load(honest_step(states[i], thetas[i], payload, setup, pull[i]))
         if not hostile:
             moved = math.sqrt(sum_of_squares(states[i].phi - before)) / math.sqrt(sum_of_squares(before))
             stats.move = max(stats.move, moved / states[i].move_scale)
@@ -371,9 +378,9 @@ def main() -> int:
     print(table(outcomes))
     h = outcomes["none"].honest
     print(f"\nhonest pairs (no poisoner, {h.pairs} verdicts): distance from the judge's phi up to "
-          f"{h.distance_ratio:.3f} x its progress norm (bound {a.max_distance_ratio}) and {h.divergence:.3f} x "
+          f"{h.distance_ratio:.3f} x its own drift (bound {a.max_distance_ratio}) and {h.divergence:.3f} x "
           f"||phi|| (bound {a.max_divergence}); progress ratio up to {h.progress_ratio:.3f} (bound {a.max_progress_ratio}); move up to "
-          f"{h.move:.3f} x ||phi|| (clip {a.max_move}); {h.rejected} rejected, {h.clipped} moves clipped")
+          f"{h.move:.3f} x ||phi|| (clip {a.max_move}); {h.rejected} rejected, {h.pulls_clipped} pulls and {h.clipped} moves clipped")
     failed = [mode for mode in modes[1:] if not holds(outcomes["none"], outcomes[mode])]
     if len(modes) > 1:
         verdict = "holds" if not failed else f"does NOT hold for {', '.join(failed)}"

@@ -22,8 +22,13 @@ async def run_at_boundaries(
     two must cover as many steps): after a "paired" step, whose update came from the weights at its start,
     the next boundary is H steps after that start (pinned by ``pin()`` when the step overran it, and then
     taken at once); after any other step, whose update came from the weights at its end, H steps after that.
+    The first boundary is then H steps after the loop starts too: a replica that just took a live replica's
+    state (a joiner, a catch-up) would otherwise send a payload of a few inner steps at the next multiple of
+    H, and its partners' phi, one solo step away from the weights it adopted, would lie many of its own
+    drifts away from it (swarmd.swarm.outer.payload_problem).
     """
-    boundary = (current_step() // inner_steps + 1) * inner_steps
+    start = current_step()
+    boundary = (start // inner_steps + 1) * inner_steps if pin is None else start + inner_steps
     pinned_at: int | None = None  # the inner step whose weights the next step's payload is pinned to
     while not stop.is_set():
         if current_step() >= boundary:

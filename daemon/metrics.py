@@ -54,6 +54,10 @@ class NodeMetrics:
             "swarmd_outer_partner_wait_seconds", "Time from an outer boundary until paired (or the deadline)",
             buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.pulls_clipped = Counter(
+            "swarmd_outer_pulls_clipped", "Paired outer steps with a partner met for the first time that lay far: "
+            "its pull was clipped", registry=r,
+        )
         self.divergence = Gauge(
             "swarmd_replica_divergence", "||phi - phi_partner|| / ||phi|| at the latest exchange", registry=r
         )

@@ -7,7 +7,8 @@ way in 3.5 s on the bench's 100 Mbit/s link, where one-way streams in both direc
 Every chunk is checked (shape, dtype, finite) on arrival and kept as it came, int8 blocks on the replica's
 device; once the proposer holds the partner's whole payload and its own was acknowledged, it checks the
 payload against its own phi and progress (swarmd.swarm.outer.payload_problem) and sends its verdict
-("outer_commit"); the partner checks the proposer's payload the same way before it acknowledges.
+("outer_commit"); the partner checks the proposer's payload the same way before it acknowledges. Each side
+then bounds the accepted payload's pull on its phi by its own yardstick (swarmd.swarm.outer.pull_scale).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from swarmd.protocols import rpc
 from swarmd.protocols.codecs import EncodedTensor
 from swarmd.protocols.errors import ProtocolError
 from swarmd.protocols.wire import RemoteError, encode_message
-from swarmd.swarm.outer import Payload, payload_problem, payload_sums
+from swarmd.swarm.outer import Payload, payload_problem, payload_sums, pull_scale
 
 CHUNKS_IN_FLIGHT = 4  # chunk RPCs each side keeps open at once (enough to fill the link: yamux windows are per stream)
 VERDICT_TIMEOUT_S = 5.0
@@ -59,7 +60,7 @@ class Exchange:
     own_phi: torch.Tensor  # our phi itself (not a copy: nothing writes it before the step is applied)
     own_phi_norm: float
     own_progress_norm: float
-    own_move_norm: float  # how far our phi moved at our last outer step, if solo (swarm.outer.own_move_norm)
+    own_move_norm: float  # how far our phi moved at our last outer step, if all our own (OuterState.last_move_norm)
     theta_snap: torch.Tensor | None  # the weights our payload was taken from (None once a solo step dropped it)
     partner_phi: list[Payload | None]  # the partner's chunks as they arrived (int8 blocks on our device)
     partner_progress: list[Payload | None]
@@ -116,14 +117,25 @@ class Exchange:
         if len(self.received) == len(self.bounds):
             self.complete.set()
 
-    def problem(self, config: AveragingConfig) -> str | None:
-        """Why the partner's payload must be rejected (``payload_problem`` under ``config``'s bounds), or None."""
+    def problem(self, config: AveragingConfig, known: bool) -> str | None:
+        """Why the partner's payload must be rejected (``payload_problem`` under ``config``'s bounds; ``known``:
+        we paired with it before), or None."""
         if len(self.received) != len(self.bounds):
             return f"only {len(self.received)} of {len(self.bounds)} chunks arrived"
         return payload_problem(self.own_phi_norm, self.own_progress_norm, self.own_move_norm, self.progress_sq,
-                               self.distance_sq,
-                               max_divergence=config.max_divergence, max_distance_ratio=config.max_distance_ratio,
-                               max_progress_ratio=config.max_progress_ratio)
+                               self.distance_sq, max_divergence=config.max_divergence,
+                               max_distance_ratio=config.max_distance_ratio,
+                               max_progress_ratio=config.max_progress_ratio, known=known)
+
+    def pull_scale(self, config: AveragingConfig) -> float:
+        """The factor on gamma for the accepted payload (``pull_scale``: 1 unless the partner's phi lies farther
+        than ``config.max_distance_ratio`` x our own drift, as a partner met for the first time may)."""
+        return pull_scale(self.distance_sq, self.own_progress_norm, self.own_move_norm, config.max_distance_ratio)
+
+    @property
+    def drift_ratio(self) -> float:
+        """The partner phi's distance from ours in our own drifts."""
+        return math.sqrt(self.distance_sq) / max(self.own_progress_norm, self.own_move_norm, 1e-30)
 
     @property
     def divergence(self) -> float:

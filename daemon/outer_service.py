@@ -48,8 +48,7 @@ from swarmd.protocols.errors import ProtocolError
 from swarmd.protocols.limits import Limits
 from swarmd.protocols.wire import Message, RemoteError, StreamEnded, encode_message
 from swarmd.swarm.outer import (
-    OuterState, PartnerBans, Replica, chunk_bounds, commit_residuals, encode_payload, outer_step_, own_move_norm,
-    sum_of_squares,
+    OuterState, PartnerBans, Replica, chunk_bounds, commit_residuals, encode_payload, outer_step_, sum_of_squares,
 )
 from swarmd.swarm.pairing import TAKEN, PairingState, Phase, choose_partner
 
@@ -87,18 +86,12 @@ class NoLoCoService:
 
     async def start(self, adopt: OuterState | None = None) -> None:
         """Take phi from the current weights (or ``adopt`` a live replica's outer state, for a joiner that
-        downloaded that replica's weights) and serve the outer-step RPCs.
-
-        A joiner keeps the donor's momentum and outer step but takes the downloaded weights as its phi, as if
-        it had just stepped: its first payload then covers its own H inner steps, as its partners' do. With the
-        donor's phi, its progress would include all the donor learned since its last outer step, which can
-        span a long wait for a partner, and the partners' progress bound (max_progress_ratio) rejects that."""
+        downloaded that replica's weights: ``OuterState.join``) and serve the outer-step RPCs."""
         theta = await self.lane.run(self.replica.read_flat)
         if adopt is None:
             self.state = OuterState.start(theta)
         else:
-            self.state = OuterState.adopt(theta, adopt)
-            self.state.phi.copy_(theta)
+            self.state = await self.lane.run(OuterState.join, theta, adopt)
         device = self.state.phi.device  # a partner's chunks land there, as int8 blocks
         await self.transport.serve(rpc.PAIR, "pair", self._on_pair, ("pair_request",), channel="averaging")
         await self.transport.serve(rpc.OUTER_CHUNK, "outer_chunk", self._on_chunk, ("outer_chunk",),
@@ -185,6 +178,11 @@ class NoLoCoService:
             elif not stall.cancelled():
                 stall.exception()  # retrieved: a stall noticed as the exchange ended otherwise is not an error
         result, banned = self.partners.settle(partner, outcome, self.state.outer_step)
+        if outcome == "paired" and (scale := ex.pull_scale(self.config)) < 1.0:
+            self.metrics.pulls_clipped.inc()
+            logger.info("outer step with %s, met for the first time: its phi is %.3g x our own drift away from "
+                        "ours, its pull clipped to %g of them (gamma x %.3g)", partner[-8:], ex.drift_ratio,
+                        self.config.max_distance_ratio, scale)
         if outcome != "paired":
             logger.warning("outer step with %s: %s; stepping solo%s", partner[-8:], why,
                            "; banned it" if banned else "")
@@ -215,7 +213,7 @@ class NoLoCoService:
         return Exchange(
             numel=state.numel, bounds=bounds, own_chunks=chunks, own_phi=state.phi,
             own_phi_norm=math.sqrt(sum_of_squares(state.phi)), own_progress_norm=math.sqrt(progress_sq),
-            own_move_norm=own_move_norm(state),
+            own_move_norm=state.last_move_norm,
             theta_snap=theta, partner_phi=[None] * len(bounds), partner_progress=[None] * len(bounds),
         )
 
@@ -235,7 +233,7 @@ class NoLoCoService:
             commit_residuals(state, ex.theta_snap, ex.bounds, ex.own_chunks)
             theta_now.sub_(ex.theta_snap)  # the inner progress made during the exchange
             outer_step_(state, ex.theta_snap, list(zip(ex.partner_phi, ex.partner_progress)),
-                        beta=cfg.beta, gamma=cfg.gamma, mu=cfg.mu, max_move=cfg.max_move)
+                        beta=cfg.beta, gamma=cfg.gamma * ex.pull_scale(cfg), mu=cfg.mu, max_move=cfg.max_move)
             theta_now.add_(state.phi)
         else:
             outer_step_(state, theta_now, beta=cfg.beta, gamma=cfg.gamma, mu=cfg.mu, max_move=cfg.max_move)
@@ -345,7 +343,7 @@ class NoLoCoService:
         returns then), validate it and send the verdict."""
         session = self.pairing.session
         await settle(ex, ex.sender, stall)
-        if (problem := ex.problem(self.config)) is not None:
+        if (problem := ex.problem(self.config, self.partners.knows(partner))) is not None:
             await send_verdict(self.transport, partner, session, "reject")
             raise Rejected("norm", problem)
         try:
@@ -376,7 +374,7 @@ class NoLoCoService:
         if message.fields["verdict"] == "reject":
             ex.done.set_exception(Failed("the partner rejected our payload"))
             return encode_message("ack", {})
-        if (problem := ex.problem(self.config)) is not None:
+        if (problem := ex.problem(self.config, self.partners.knows(sender))) is not None:
             raise ProtocolError("norm", problem)  # -> _on_reject fails the exchange
         ex.done.set_result(None)
         return encode_message("ack", {})

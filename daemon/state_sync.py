@@ -11,8 +11,11 @@ Replicas of a stage are close but not equal (NoLoCo keeps them near each other, 
 so a multi-donor download is a per-chunk mix of its donors' snapshots: a state as near to each of them as
 they are to each other. Steps (inner and outer) are the lead donor's: the first, most advanced one.
 
-A donor holds at most one snapshot (shared by its sessions, dropped when the last one goes idle) and at most
-``max_uploads`` sessions (Limits.max_state_uploads); beyond that it answers ``busy`` and the joiner asks
+A snapshot is shared by the sessions that open within ``SNAPSHOT_SHARE_S`` of it (joiners that arrive
+together, or a joiner's sessions with several donors); a joiner that comes later gets a fresh one, so that it
+never starts from weights and outer state older than that (a DiLoCo joiner's phi must be its group's). A donor
+holds at most ``MAX_SNAPSHOTS`` snapshots (each dropped when its last session goes idle) and at most
+``max_uploads`` sessions (Limits.max_state_uploads); beyond either it answers ``busy`` and the joiner asks
 another replica.
 """
 
@@ -47,6 +50,8 @@ logger = logging.getLogger(__name__)
 MANIFEST_TIMEOUT_S = 60.0  # a donor's first manifest waits for its snapshot and digests
 CHUNK_TIMEOUT_S = 30.0  # one chunk: a donor that makes no progress this long loses its chunks to the others
 SESSION_IDLE_S = 30.0  # a donor forgets a session after this long without a chunk request
+SNAPSHOT_SHARE_S = 10.0  # a new session shares a snapshot at most this old, else it gets a fresh one
+MAX_SNAPSHOTS = 2  # snapshots a donor holds at once (a fresh one while late sessions still read the older)
 MAX_DONORS = 2  # replicas a joiner downloads from at once
 REQUESTS_IN_FLIGHT = 2  # chunk requests a joiner keeps open per donor, and the most a donor answers at once per session
 PROGRESS_EVERY_S = 5.0
@@ -80,6 +85,7 @@ class _Served:
     snapshot: StateSnapshot
     plan: list
     digests: list[bytes]
+    taken_at: float  # time.monotonic() when the snapshot was taken
     sessions: dict[bytes, _Session] = field(default_factory=dict)
 
 
@@ -96,14 +102,14 @@ def _manifest_fields(stage: int, session: bytes, served: _Served, chunk_bytes: i
 
 
 class StateDonor:
-    """Serves this node's stage state to joiners: a manifest, then chunks, from one shared snapshot."""
+    """Serves this node's stage state to joiners: a manifest, then chunks, from a recent shared snapshot."""
 
     def __init__(self, transport: Transport, stage: int, lane: ComputeLane, snapshot: SnapshotSource,
                  metrics: NodeMetrics, max_uploads: int = DEFAULT_LIMITS.max_state_uploads,
                  idle_s: float = SESSION_IDLE_S, chunk_bytes: int = CHUNK_BYTES):
         self.transport, self.stage, self.lane, self.take_snapshot = transport, stage, lane, snapshot
         self.metrics, self.max_uploads, self.idle_s, self.chunk_bytes = metrics, max_uploads, idle_s, chunk_bytes
-        self._served: _Served | None = None
+        self._snapshots: list[_Served] = []  # oldest first
         self._building = asyncio.Lock()
         self._janitor: asyncio.Task | None = None
         self.accepting = True
@@ -120,11 +126,14 @@ class StateDonor:
         self.accepting = False
         if self._janitor is not None:
             self._janitor.cancel()
-        self._served = None
+        self._snapshots = []
 
     @property
     def sessions(self) -> int:
-        return 0 if self._served is None else len(self._served.sessions)
+        return sum(len(served.sessions) for served in self._snapshots)
+
+    def _serving(self, session: bytes) -> _Served | None:
+        return next((served for served in self._snapshots if session in served.sessions), None)
 
     async def _on_manifest(self, sender: str, message: Message) -> bytes:
         if message.fields["stage"] != self.stage or not self.accepting:
@@ -133,20 +142,28 @@ class StateDonor:
         if self.sessions >= self.max_uploads:
             raise ProtocolError("busy", f"{self.max_uploads} state uploads are running here; ask another replica")
         async with self._building:
-            if self._served is None:
+            self._prune(time.monotonic())
+            newest = self._snapshots[-1] if self._snapshots else None
+            if newest is None or time.monotonic() - newest.taken_at > SNAPSHOT_SHARE_S:
+                if len(self._snapshots) >= MAX_SNAPSHOTS:
+                    raise ProtocolError("busy", f"{MAX_SNAPSHOTS} older snapshots are being downloaded here; "
+                                                "ask another replica")
+                taken_at = time.monotonic()
                 snapshot = await self.lane.run(self.take_snapshot)
                 plan = plan_chunks(snapshot.entries, self.chunk_bytes)
                 digests = await asyncio.to_thread(lambda: [chunk_digest(read_chunk(snapshot.tensors, c)) for c in plan])
-                self._served = _Served(snapshot, plan, digests)
-            served = self._served
-            if len(served.sessions) >= self.max_uploads:
+                newest = _Served(snapshot, plan, digests, taken_at)
+                self._snapshots.append(newest)
+            served = newest
+            if self.sessions >= self.max_uploads:
                 raise ProtocolError("busy", f"{self.max_uploads} state uploads are running here; ask another replica")
             session = os.urandom(16)
             served.sessions[session] = _Session(sender, time.monotonic())
         return encode_message("state_manifest", _manifest_fields(self.stage, session, served, self.chunk_bytes))
 
     async def _on_chunk(self, sender: str, message: Message) -> bytes:
-        served, session, index = self._served, message.fields["session"], message.fields["index"]
+        session, index = message.fields["session"], message.fields["index"]
+        served = self._serving(session)
         entry = None if served is None else served.sessions.get(session)
         if entry is None or entry.peer_id != sender:
             raise ProtocolError("unknown_peer", "no state session of yours is open here")
@@ -168,15 +185,17 @@ class StateDonor:
     async def _expire_sessions(self) -> None:
         while True:
             await asyncio.sleep(min(self.idle_s / 3, 5.0))
-            served = self._served
-            if served is None:
-                continue
             now = time.monotonic()
-            for session, entry in list(served.sessions.items()):
-                if now - entry.last_active > self.idle_s:
-                    del served.sessions[session]
-            if not served.sessions:
-                self._served = None  # the snapshot's memory goes back
+            for served in self._snapshots:
+                for session, entry in list(served.sessions.items()):
+                    if now - entry.last_active > self.idle_s:
+                        del served.sessions[session]
+            self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        """Drop the snapshots without sessions (their memory goes back), but one still fresh enough to share."""
+        self._snapshots = [served for served in self._snapshots
+                           if served.sessions or now - served.taken_at <= SNAPSHOT_SHARE_S]
 
 
 # ---- the joiner side -------------------------------------------------------------------------------

@@ -177,8 +177,10 @@ def pipeline() -> Board:
 
 def averaging() -> Board:
     b = Board("swarmd-averaging", "swarmd / averaging", "Outer steps: NoLoCo exchanges (or the DiLoCo baseline).")
-    b.series("Outer steps by result", "Outer steps per second by result (paired, solo, rejected, failed)", "none",
-             query(f"sum by (result) (rate(swarmd_outer_steps_total{{{NODE}}}[{RATE}]))", "{{result}}"))
+    b.series("Outer steps by result", "Outer steps per second by result (paired, solo, rejected, failed), and the "
+             "paired ones with a far partner met for the first time, whose pull was clipped", "none",
+             query(f"sum by (result) (rate(swarmd_outer_steps_total{{{NODE}}}[{RATE}]))", "{{result}}"),
+             query(f"sum (rate(swarmd_outer_pulls_clipped_total{{{NODE}}}[{RATE}]))", "paired, pull clipped"))
     b.stat("Outer steps taken", "Outer steps by result since the scraped nodes started", "none",
            query(f"sum by (result) (swarmd_outer_steps_total{{{NODE}}})", "{{result}}"), width=12)
     b.series("Exchange duration, p50 and p95", "Swap of outer payloads with a partner, first chunk to verdict",

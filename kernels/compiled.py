@@ -62,18 +62,22 @@ def call(fn: Callable, *args: object) -> object | None:
 
 
 def quantize_blocks(x: torch.Tensor, residual: torch.Tensor | None, qmax: int, bits: int):
-    """Codes, scales and new residual of (x + residual) in whole blocks, x and residual as (blocks, block_size)
-    views: quant_torch.quantize_torch's arithmetic (where its clamp is skipped, the clamp here changes nothing)."""
+    """Codes, per-block absmax and new residual of (x + residual) in whole blocks, x and residual as
+    (blocks, block_size) views: quant_torch.quantize_torch's arithmetic (where its clamp is skipped, the clamp
+    here changes nothing). The caller divides the absmax by ``qmax`` for the scales (the same IEEE division as
+    here): with the scales as a separate output, inductor computes them in a loop of their own between the
+    block reduction and the quantization, and then reads x and residual twice; returning the absmax lets it
+    fuse everything into one pass over each block while it is in cache."""
     y = x.float() if residual is None else x.float() + residual
-    absmax = torch.maximum(y.amax(dim=1), y.amin(dim=1).neg()).abs()
+    absmax = y.abs().amax(dim=1, keepdim=True)  # NaN propagates: the caller's finiteness check sees it
     scales = absmax / qmax
     nonzero = scales > 0
-    safe = torch.where(nonzero, scales, torch.ones_like(scales))
-    v = torch.div(y, safe[:, None]).clamp(-qmax, qmax).round()
-    v = torch.where(nonzero[:, None], v, 0.0)
+    safe = torch.where(nonzero, scales, 1.0)
+    v = torch.div(y, safe).clamp(-qmax, qmax).round()
+    v = torch.where(nonzero, v, 0.0)
     if bits == 8:
         codes = v.to(torch.int8).reshape(-1)
     else:
         nib = (v.to(torch.int16) + 8).to(torch.uint8).reshape(-1, 2)
         codes = nib[:, 0] | (nib[:, 1] << 4)
-    return codes, scales, (y - v * scales[:, None]).reshape(-1)
+    return codes, absmax.reshape(-1), (y - v * scales).reshape(-1)

@@ -153,11 +153,13 @@ def _quantize_compiled(
     """quantize_torch through torch.compile (whole blocks; a partial last block eager). None if unavailable."""
     n = xf.numel()
     full = n // block_size * block_size
-    head = compiled.call(compiled.quantize_blocks, xf[:full].view(-1, block_size),
-                         None if rf is None else rf[:full].view(-1, block_size), qmax, bits)
+    whole = full == n  # then no slices: a view of a slice costs the compiled call a little more
+    head = compiled.call(compiled.quantize_blocks, (xf if whole else xf[:full]).view(-1, block_size),
+                         None if rf is None else (rf if whole else rf[:full]).view(-1, block_size), qmax, bits)
     if head is None:
         return None
-    codes, scales, residual = head
+    codes, absmax, residual = head
+    scales = absmax.div_(qmax)  # what the compiled loop divided by (see compiled.quantize_blocks)
     if full < n:
         tail, tail_res = _quantize_eager(xf[full:], None if rf is None else rf[full:], block_size, bits, None)
         codes, scales = torch.cat([codes, tail.codes]), torch.cat([scales, tail.scales])

@@ -94,7 +94,9 @@ class OuterState:
     delta: torch.Tensor
     outer_step: int = 0
     move_scale: float = 1.0  # the factor the last outer step's move was scaled by (< 1: clipped by max_move)
-    last_step_solo: bool = True  # the last outer step took no partner's payload (or there was none yet)
+    # How far phi moved at our last outer step if that move was all our own learning (a solo step, or a
+    # joiner's rebase), else 0: the yardstick payload_problem adds to our progress norm
+    last_move_norm: float = 0.0
     residual_phi: torch.Tensor | None = field(default=None, repr=False)
     residual_progress: torch.Tensor | None = field(default=None, repr=False)
 
@@ -114,6 +116,21 @@ class OuterState:
             raise ValueError(f"outer state of {other.phi.numel()} parameters for a replica of {theta.numel()}")
         return cls(phi=other.phi.to(theta.device, torch.float32),
                    delta=other.delta.to(theta.device, torch.float32), outer_step=other.outer_step)
+
+    @classmethod
+    def join(cls, theta: torch.Tensor, other: OuterState) -> OuterState:
+        """A NoLoCo joiner's outer state: the donor's delta and outer step, with the downloaded weights
+        ``theta`` as phi, as if it had just stepped solo from the donor's phi. Its first payload then covers
+        its own H inner steps, as its partners' do: with the donor's phi its progress would include all the
+        donor learned since its own last outer step (often a long wait for a partner: this joiner), past
+        the partners' progress bound. The rebase is its last move (with the donor's own, the larger): a
+        partner still at the donor's phi lies that far from ours."""
+        state = cls.adopt(theta, other)
+        theta = theta.detach().to(state.phi.device, torch.float32)
+        rebase = sum(sum_of_squares(theta[a:b] - state.phi[a:b]) for a, b in chunk_bounds(state.numel, 1 << 20))
+        state.last_move_norm = max(math.sqrt(rebase), math.sqrt(sum_of_squares(state.delta)))
+        state.phi.copy_(theta)
+        return state
 
     @property
     def numel(self) -> int:
@@ -194,37 +211,37 @@ def payload_sums(own_phi: torch.Tensor, phi: Payload, progress: Payload) -> tupl
     return sum_of_squares(payload_values(progress)), sum_of_squares(payload_values(phi) - own_phi)
 
 
-def own_move_norm(state: OuterState) -> float:
-    """How far our phi moved at our last outer step, ||delta||, if that step was solo (all our own learning),
-    else 0: a paired move carries the partner's pull, which a poisoner would use to widen the distance bound
-    of ``payload_problem`` for its next victim. A joiner counts the move it adopted with its donor's state."""
-    return math.sqrt(sum_of_squares(state.delta)) if state.last_step_solo else 0.0
-
-
 def payload_problem(
     own_phi_norm: float, own_progress_norm: float, own_move_norm: float, partner_progress_sq: float,
     distance_sq: float, *, max_divergence: float, max_distance_ratio: float, max_progress_ratio: float,
+    known: bool,
 ) -> str | None:
-    """Why a partner's whole payload must be rejected, or None to accept it.
+    """Why a partner's whole payload must be rejected, or None to accept it (``pull_scale`` then bounds the pull
+    of its phi on ours). ``known``: we paired with this partner before (``PartnerBans.knows``).
+
+    Our own drift is the larger of our progress norm ||theta - phi|| and our last outer move if it was all our
+    own (``OuterState.last_move_norm``): replicas drift apart by what each learns on its own between pairings,
+    so that is the scale of honest distances whatever H, the learning rate or the point in training.
 
     - Its phi must lie within ``max_divergence`` x ||our phi|| of ours (a norm bound alone lets phi' = -9 phi
-      through), and within ``max_distance_ratio`` x our own drift: the larger of our progress norm
-      ||theta - phi|| and our last outer move if it was solo (``own_move_norm``). Replicas drift apart by what each learns on its own between pairings, so that is the
-      scale of honest distances whatever H, the learning rate or the point in training; a bound in ||phi||
-      alone must allow early training's large steps, and later lets a partner whose phi drifts a little
-      further each outer step drag its partners along. The last move counts because a replica that stepped
-      solo after a long wait for a partner moved its phi by all it learned while waiting, and the partner it
-      meets next may still sit where it left (one that adopted its state meanwhile, or missed it on the board).
+      through), or x our own drift where that is larger (early in training one outer step moves phi by more
+      than its norm).
+    - A partner we paired with before must lie within ``max_distance_ratio`` x our own drift: it was within
+      reach then, and one whose phi drifts a little further each outer step would drag its partners along
+      (a bound in ||phi|| alone lets it). A partner we meet for the first time may lie farther (a joiner, or
+      a replica that started late or waited long for partners: two such replicas that refused each other would
+      never pair): it is accepted with its pull clipped (``pull_scale``), and becomes known.
     - Its progress theta - phi must be at most ``max_progress_ratio`` x ours.
 
     Finiteness and shapes are checked per chunk on arrival; this catches finite but hostile payloads.
     """
     distance = math.sqrt(distance_sq)
-    divergence = distance / max(own_phi_norm, 1e-30)
-    if not divergence <= max_divergence:  # "not <=": a NaN is a rejection too
-        return f"partner phi is {divergence:.3g} x our phi's norm away from ours (limit {max_divergence:g})"
     drift = max(own_progress_norm, own_move_norm)
-    if not distance <= max_distance_ratio * drift:
+    divergence = distance / max(own_phi_norm, drift, 1e-30)
+    if not divergence <= max_divergence:  # "not <=": a NaN is a rejection too
+        return (f"partner phi is {divergence:.3g} x our phi's norm away from ours (limit {max_divergence:g}; in our "
+                "own drift where that is larger)")
+    if known and not distance <= max_distance_ratio * drift:
         return (f"partner phi is {distance / max(drift, 1e-30):.3g} x our own drift (progress or last move) away "
                 f"from ours (limit {max_distance_ratio:g})")
     progress_norm = math.sqrt(partner_progress_sq)
@@ -234,7 +251,16 @@ def payload_problem(
     return None
 
 
+def pull_scale(distance_sq: float, own_progress_norm: float, own_move_norm: float, max_distance_ratio: float) -> float:
+    """The factor on gamma that bounds an accepted partner's pull on our phi by the pull of a partner
+    ``max_distance_ratio`` x our own drift away (see ``payload_problem``): 1 within that distance, less beyond."""
+    bound = max_distance_ratio * max(own_progress_norm, own_move_norm)  # NaN for inf x 0: no bound
+    distance = math.sqrt(distance_sq)
+    return bound / distance if distance > bound else 1.0
+
+
 FAILURE_TABLE_SIZE = 64  # partners whose failed exchanges are remembered (the least recent is forgotten)
+KNOWN_TABLE_SIZE = 1024  # partners we paired with that are remembered as known (the least recent is forgotten)
 BAN_MAX_FACTOR = 16  # a repeat offender's ban doubles up to this many times its first one
 
 
@@ -256,16 +282,21 @@ class PartnerBans:
         self.bans = BanList(base_s=ban_steps, max_s=longest, forget_s=longest)
         self.max_failures = max_failures
         self._failures: OrderedDict[str, int] = OrderedDict()  # consecutive failed exchanges, most recent last
+        self._known: OrderedDict[str, None] = OrderedDict()  # partners we paired with, most recent last
 
     def is_banned(self, peer: str, now: int) -> bool:
         return self.bans.is_banned(peer, now)
+
+    def knows(self, peer: str) -> bool:
+        """Whether we paired with ``peer`` before (see ``payload_problem``)."""
+        return peer in self._known
 
     def settle(self, peer: str, outcome: str, now: int) -> tuple[str, bool]:
         """Record how an exchange with ``peer`` ended at our outer step ``now``. Returns the outer step's
         result ("paired", "rejected" or "failed") and whether ``peer`` is now banned.
 
         - "paired": nothing held against it any more, but a past ban's backoff stays (no laundering
-          bans with one good step in between);
+          bans with one good step in between); from now on it is known (``knows``);
         - "rejected" (its payload failed ``payload_problem`` or the per-chunk checks) and "stalled"
           (it paired, then sent nothing for the stall timeout): banned at once; a stall's step "failed";
         - "failed" (it went away, refused our payload, timed out): banned at the ``max_failures``-th
@@ -275,6 +306,10 @@ class PartnerBans:
             raise ValueError(f"unknown outcome {outcome!r}")
         failures = self._failures.pop(peer, 0)
         if outcome == "paired":
+            self._known[peer] = None
+            self._known.move_to_end(peer)
+            if len(self._known) > KNOWN_TABLE_SIZE:
+                self._known.popitem(last=False)
             return "paired", False
         ban = outcome in ("rejected", "stalled") or failures + 1 >= self.max_failures
         if ban:
@@ -342,4 +377,8 @@ def outer_step_(
         theta.copy_(phi)
     state.outer_step += 1
     state.move_scale = scale
-    state.last_step_solo = partner is None
+    # a paired move carries the partner's pull, which a poisoner would use to widen our bound for its next victim
+    if partner is not None:
+        state.last_move_norm = 0.0
+    else:
+        state.last_move_norm = move * scale if math.isfinite(max_move) else math.sqrt(sum_of_squares(delta))

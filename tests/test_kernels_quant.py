@@ -256,14 +256,14 @@ def test_subnormal_scales_still_clamp_codes() -> None:
     assert torch.equal(dequantize_int8(q) + res, x)
 
 
-def test_compiled_fallbacks_are_bit_identical_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("n", [64 * 40 + 37, 64 * 40])  # a partial last block; whole blocks only (no slices)
+def test_compiled_fallbacks_are_bit_identical_to_eager(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
     """Large CPU tensors take torch.compile of the same expressions (swarmd.kernels.compiled): codes, scales,
     residuals and the NoLoCo update equal the eager fallbacks bit for bit (whole blocks compiled, a partial
     last block eager). Small sizes here, with the size threshold lowered: a few seconds of compiling."""
     from swarmd.kernels import compiled, noloco_outer_update_
     from swarmd.kernels.noloco_torch import noloco_blocks_
 
-    n = 64 * 40 + 37  # a partial last block
     g = torch.Generator().manual_seed(3)
     x, residual = _inputs(n, torch.float32, seed=11)
     x[:64] = 0.0  # a zero block

@@ -54,13 +54,16 @@ def _partner(phi: float, progress: float, own_progress: float = 1.0) -> Exchange
 
 def test_problem_judges_the_payload_against_our_phi_and_progress():
     """Our phi: ones(10), norm 3.16; our progress norm 1 (or 0.5)."""
-    assert _partner(1.5, 0.3).problem(CONFIG) is None  # 0.5 x ||phi|| and 1.58 progress norms away, progress 0.95
+    assert _partner(1.5, 0.3).problem(CONFIG, True) is None  # 0.5 x ||phi|| and 1.58 progress norms away, progress 0.95
     assert _partner(1.5, 0.3).divergence == pytest.approx(0.5)  # the metric: in ||phi||
-    assert "phi's norm away" in _partner(-9.0, 0.3).problem(CONFIG)  # phi' = -9 phi
-    assert "phi's norm away" in _partner(2.01, 0.3).problem(CONFIG)  # 1.01 x ||phi||
-    assert _partner(1.79, 0.15, own_progress=0.5).problem(CONFIG) is None  # 4.996 progress norms
-    assert "own drift" in _partner(1.8, 0.15, own_progress=0.5).problem(CONFIG)  # 5.06
-    assert "progress norm" in _partner(1.0, 0.64).problem(CONFIG)  # progress norm 2.02: over 2x ours
+    assert "phi's norm away" in _partner(-9.0, 0.3).problem(CONFIG, True)  # phi' = -9 phi
+    assert "phi's norm away" in _partner(2.01, 0.3).problem(CONFIG, True)  # 1.01 x ||phi||
+    assert _partner(1.79, 0.15, own_progress=0.5).problem(CONFIG, True) is None  # 4.996 progress norms
+    assert "own drift" in _partner(1.8, 0.15, own_progress=0.5).problem(CONFIG, True)  # 5.06
+    assert "progress norm" in _partner(1.0, 0.64).problem(CONFIG, True)  # progress norm 2.02: over 2x ours
+    far = _partner(1.8, 0.15, own_progress=0.5)  # met for the first time: accepted, its pull scaled to 5 of 5.06
+    assert far.problem(CONFIG, False) is None and far.pull_scale(CONFIG) == pytest.approx(5.0 / far.drift_ratio)
+    assert _partner(1.79, 0.15, own_progress=0.5).pull_scale(CONFIG) == 1.0
 
 
 def test_forget_partner_drops_what_a_would_be_partner_sent():
@@ -69,7 +72,7 @@ def test_forget_partner_drops_what_a_would_be_partner_sent():
         ex.store(index, *_chunk(ex, index, 5.0))
     ex.forget_partner()
     assert not ex.complete.is_set() and ex.received == set() and ex.progress_sq == ex.distance_sq == 0.0
-    assert ex.partner_phi == [None] * 3 and "only 0 of 3" in ex.problem(CONFIG)
+    assert ex.partner_phi == [None] * 3 and "only 0 of 3" in ex.problem(CONFIG, True)
     ex.store(0, *_chunk(ex, 0, 1.0))  # the real partner's chunks are taken afresh
     assert ex.received == {0}
 
@@ -200,3 +203,36 @@ def test_without_pin_overrun_boundaries_are_skipped():
     """DiLoCo's schedule: the multiples of H; the boundary at 20, overrun, is skipped."""
     starts, pins = asyncio.run(_schedule(["paired"], False, [(10, 1), (25, None), (28, None), (29, None), (30, 2)]))
     assert starts == [10, 30] and pins == []
+
+
+def _first_boundary(with_pin: bool, start: int) -> int:
+    """The inner step at which run_at_boundaries (H = 10), started at inner step ``start``, takes its first step."""
+    inner, stop, seen = start, asyncio.Event(), []
+
+    async def outer_step() -> str:
+        seen.append(inner)
+        stop.set()
+        return "solo"
+
+    async def pin() -> bool:
+        return True
+
+    async def drive() -> None:
+        nonlocal inner
+        runner = asyncio.create_task(run_at_boundaries(outer_step, lambda: inner, 10, stop,
+                                                       pin=pin if with_pin else None))
+        while not stop.is_set():
+            await asyncio.sleep(0.06)  # slower than the runner's poll: it sees every step
+            inner += 1
+        await asyncio.wait_for(runner, 5)
+
+    asyncio.run(drive())
+    return seen[0]
+
+
+def test_a_replica_that_entered_with_adopted_state_steps_h_steps_later():
+    """NoLoCo's first boundary is H steps after the loop starts (a joiner's payload then covers H of its own
+    inner steps, not the 3 up to the next multiple of H); DiLoCo keeps the multiples of H."""
+    assert _first_boundary(True, 167) == 177
+    assert _first_boundary(False, 167) == 170
+    assert _first_boundary(True, 0) == 10

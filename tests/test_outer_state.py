@@ -16,6 +16,7 @@ from swarmd.protocols.limits import DEFAULT_LIMITS
 from swarmd.swarm.outer import (
     BAN_MAX_FACTOR,
     FAILURE_TABLE_SIZE,
+    KNOWN_TABLE_SIZE,
     PIECE,
     OuterState,
     ParameterReplica,
@@ -26,10 +27,10 @@ from swarmd.swarm.outer import (
     encode_payload,
     flatten_parameters,
     outer_step_,
-    own_move_norm,
     payload_problem,
     payload_sums,
     payload_values,
+    pull_scale,
 )
 
 COEFFS = {"beta": 0.7, "gamma": 0.7, "mu": 0.5}
@@ -176,7 +177,8 @@ def test_chunked_payload_sums_add_up():
     assert sum(d for _, d in parts) == pytest.approx(whole[1], rel=1e-12)
 
 
-BOUNDS = {"max_divergence": 1.0, "max_distance_ratio": 5.0, "max_progress_ratio": 2.0}
+BOUNDS = {"max_divergence": 1.0, "max_distance_ratio": 5.0, "max_progress_ratio": 2.0, "known": True}
+NEW = {**BOUNDS, "known": False}  # a partner met for the first time
 
 
 def _problem(own_phi: torch.Tensor, own_progress: torch.Tensor, phi: torch.Tensor, progress: torch.Tensor) -> str | None:
@@ -223,18 +225,76 @@ def test_payload_problem_measures_the_distance_in_our_last_move_when_that_is_lar
     assert "progress norm" in payload_problem(100.0, 1.0, 3.0, 2.01**2, 0.0, **BOUNDS)  # not in the move
 
 
+def test_a_partner_met_for_the_first_time_may_lie_farther_and_its_pull_is_clipped():
+    """Our progress norm 1: a known partner 10 away is rejected; one met for the first time is accepted, with
+    half its pull (as if 5 away); the ||phi|| bound and the progress bound hold for both."""
+    assert "own drift" in payload_problem(100.0, 1.0, 0.0, 1.0, 10.0**2, **BOUNDS)
+    assert payload_problem(100.0, 1.0, 0.0, 1.0, 10.0**2, **NEW) is None
+    assert pull_scale(10.0**2, 1.0, 0.0, 5.0) == pytest.approx(0.5)
+    assert pull_scale(4.99**2, 1.0, 0.0, 5.0) == 1.0 and pull_scale(14.99**2, 1.0, 3.0, 5.0) == 1.0
+    assert pull_scale(10.0**2, 0.0, 0.0, 5.0) == 0.0  # no drift of our own yet: no pull from afar
+    assert pull_scale(10.0**2, 0.0, 0.0, math.inf) == 1.0  # an unbounded ratio never clips (inf x 0 is no bound)
+    assert "phi's norm" in payload_problem(10.0, 1.0, 0.0, 1.0, 10.01**2, **NEW)
+    assert "progress norm" in payload_problem(100.0, 1.0, 0.0, 2.01**2, 0.0, **NEW)
+
+
+def test_early_in_training_the_phi_bound_counts_our_own_drift():
+    """One outer step early in training can move phi by more than its norm: a partner as far as our own drift
+    is no stranger than that. phi' = -9 phi stays out."""
+    assert payload_problem(1.0, 1.25, 0.0, 1.25**2, 1.2**2, **BOUNDS) is None
+    assert "phi's norm" in payload_problem(1.0, 1.25, 0.0, 1.25**2, 1.3**2, **BOUNDS)
+    assert "phi's norm" in payload_problem(1.0, 1.25, 0.0, 1.25**2, 10.0**2, **NEW)
+
+
+def test_a_clipped_pull_moves_phi_as_far_as_a_partner_at_the_bound_would():
+    """A partner 4x farther than the bound: with gamma scaled by pull_scale, our phi moves by what a partner at
+    the bound in the same direction would have moved it."""
+    phi, direction = _rand(500, 3), _rand(500, 4)
+    direction *= 1.0 / float(direction.norm())
+    drift = 0.1
+    far = [(phi + 20 * drift * direction, torch.zeros(500))]
+    at_bound = [(phi + 5 * drift * direction, torch.zeros(500))]
+    scale = pull_scale(float((far[0][0] - phi).double().norm()) ** 2, drift, 0.0, 5.0)
+    clipped, reference = OuterState.start(phi), OuterState.start(phi)
+    outer_step_(clipped, phi.clone(), far, beta=1.0, gamma=scale, mu=0.0)
+    outer_step_(reference, phi.clone(), at_bound, beta=1.0, gamma=1.0, mu=0.0)
+    assert scale == pytest.approx(0.25) and torch.allclose(clipped.phi, reference.phi, atol=1e-6)
+
+
 def test_own_move_counts_only_after_a_solo_step():
     """The last move widens our bound only if it was all our own learning: a paired move carries the partner's
     pull (a poisoner's, maybe)."""
     theta = _rand(500, 3)
     state = OuterState.start(theta)
-    assert own_move_norm(state) == 0.0  # no move yet
+    assert state.last_move_norm == 0.0  # no move yet
     moved = theta + 0.1 * _rand(500, 5)
     outer_step_(state, moved.clone(), None, beta=1.0, gamma=1.0, mu=0.0)
-    assert state.last_step_solo and own_move_norm(state) == pytest.approx(float((moved - theta).double().norm()))
+    assert state.last_move_norm == pytest.approx(float((moved - theta).double().norm()))
+    outer_step_(state, moved.clone(), None, beta=1.0, gamma=1.0, mu=0.0, max_move=1.0)  # no progress: no move
+    assert state.last_move_norm == 0.0
     partner = [(state.phi.clone(), torch.zeros(500))]
-    outer_step_(state, state.phi.clone(), partner, beta=1.0, gamma=1.0, mu=0.0)
-    assert not state.last_step_solo and own_move_norm(state) == 0.0
+    outer_step_(state, (state.phi + 0.1).clone(), partner, beta=1.0, gamma=1.0, mu=0.0)
+    assert state.last_move_norm == 0.0
+
+
+def test_a_joiner_takes_its_weights_as_phi_and_the_rebase_as_its_last_move():
+    """A NoLoCo joiner keeps the donor's delta and outer step, takes the downloaded weights as phi, and counts
+    the rebase from the donor's phi (or the donor's last move, the larger) as its own last move: a partner
+    still at the donor's phi is then within its distance bound."""
+    donor = OuterState.start(_rand(500, 3))
+    donor.delta.copy_(0.01 * _rand(500, 4))
+    donor.outer_step = 7
+    donor_phi, donor_delta = donor.phi.clone(), donor.delta.clone()  # join takes the downloaded buffers over
+    theta = donor.phi + 0.2 * _rand(500, 5)  # the donor's progress at the snapshot
+    joiner = OuterState.join(theta.clone(), donor)
+    assert torch.equal(joiner.phi, theta) and torch.equal(joiner.delta, donor_delta) and joiner.outer_step == 7
+    assert joiner.last_move_norm == pytest.approx(float((theta - donor_phi).double().norm()), rel=1e-6)
+    own_progress = 0.02 * float(_rand(500, 6).norm())  # a few inner steps of its own
+    distance_sq = float((donor_phi - joiner.phi).double().norm()) ** 2
+    assert payload_problem(float(joiner.phi.norm()), own_progress, joiner.last_move_norm, own_progress**2,
+                           distance_sq, **BOUNDS) is None
+    assert "own drift" in payload_problem(float(joiner.phi.norm()), own_progress, 0.0, own_progress**2,
+                                          distance_sq, **BOUNDS)
 
 
 def test_payload_problem_rejects_progress_over_the_ratio_of_ours():
@@ -285,6 +345,18 @@ def test_failures_ban_only_when_repeated_in_a_row():
     assert bans.settle("p", "failed", 5) == ("failed", True)
     assert bans.is_banned("p", 6)
     assert bans.settle("p", "failed", 9) == ("failed", False)  # the count starts over after a ban
+
+
+def test_a_partner_is_known_once_paired_and_the_table_is_bounded():
+    bans = PartnerBans(ban_steps=4, max_failures=3)
+    assert not bans.knows("p")
+    bans.settle("p", "failed", 0)
+    assert not bans.knows("p")
+    bans.settle("p", "paired", 1)
+    assert bans.knows("p")
+    for i in range(KNOWN_TABLE_SIZE):
+        bans.settle(f"q{i}", "paired", 2)
+    assert not bans.knows("p") and bans.knows(f"q{KNOWN_TABLE_SIZE - 1}")
 
 
 def test_a_repeat_offender_is_banned_longer_up_to_the_max_factor():

@@ -26,9 +26,10 @@ def outcomes() -> dict[str, poisoning.Outcome]:
 
 
 def test_honest_pairs_stay_inside_the_bounds(outcomes):
-    """Without a poisoner nothing is rejected and no move is clipped: the bounds leave honest replicas alone."""
+    """Without a poisoner nothing is rejected and no pull or move is clipped: the bounds leave honest replicas
+    alone."""
     honest = outcomes["none"].honest
-    assert honest.pairs > 0 and honest.rejected == 0 and honest.clipped == 0
+    assert honest.pairs > 0 and honest.rejected == 0 and honest.pulls_clipped == 0 and honest.clipped == 0
     a = poisoning.make_setup(quick=True).averaging
     assert honest.distance_ratio < a.max_distance_ratio / 1.5 and honest.progress_ratio < a.max_progress_ratio
     assert honest.move < a.max_move

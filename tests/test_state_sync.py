@@ -14,6 +14,7 @@ import torch
 from swarmd.daemon.compute import ComputeLane
 from swarmd.daemon.metrics import NodeMetrics
 from swarmd.daemon.p2p_host import create_p2p
+from swarmd.daemon import state_sync
 from swarmd.daemon.state_sync import REQUESTS_IN_FLIGHT, StateDonor, StateDownload, StateSyncError
 from swarmd.daemon.transport import Transport
 from swarmd.protocols import rpc
@@ -150,7 +151,7 @@ def test_a_donor_that_dies_mid_transfer_loses_its_chunks_to_the_other():
 
 def _nan_chunk(donor: StateDonor):
     async def handler(sender, message):
-        served = donor._served
+        served = donor._serving(message.fields["session"])
         parts = read_chunk(served.snapshot.tensors, served.plan[message.fields["index"]])
         bad = [EncodedTensor({"dtype": "float32", "shape": list(p.shape), "codec": "none"},
                              np.full(p.numel(), np.nan, dtype="<f4").tobytes()) for p in parts]
@@ -160,7 +161,7 @@ def _nan_chunk(donor: StateDonor):
 
 def _wrong_digest(donor: StateDonor):
     async def handler(sender, message):
-        served = donor._served
+        served = donor._serving(message.fields["session"])
         parts = [p.clone() + 1.0 for p in read_chunk(served.snapshot.tensors, served.plan[message.fields["index"]])]
         from swarmd.protocols.codecs import encode_tensor
         return encode_message("state_chunk", dict(message.fields), [encode_tensor(p, "none") for p in parts])
@@ -249,3 +250,41 @@ def test_a_donor_answers_at_most_a_few_chunk_requests_of_a_session_at_once():
 
 async def _const(value):
     return value
+
+
+def test_a_later_joiner_gets_a_fresh_snapshot_and_a_donor_holds_at_most_two(monkeypatch):
+    """Joiners within SNAPSHOT_SHARE_S of a snapshot share it; one that comes later gets the donor's state as it is
+    now (steps and outer state), while the older snapshot still serves its session; a third snapshot while two are
+    in use is refused as busy."""
+    monkeypatch.setattr(state_sync, "SNAPSHOT_SHARE_S", 0.5)
+
+    async def scenario():
+        peer = await start_peer([])
+        w, outer = source_state()
+        donor = StateDonor(peer.transport, 1, peer.lane, lambda: take_snapshot(w, outer), peer.metrics,
+                           max_uploads=8, chunk_bytes=CHUNK)
+        await donor.register()
+        maddrs = [str(m) for m in await peer.p2p.get_visible_maddrs()]
+        joiners = [await start_peer(maddrs) for _ in range(4)]
+        try:
+            def fetch(joiner: Peer):
+                return download(joiner, max_donors=1)[0].run(lambda: _const([peer.id]))
+
+            first = await fetch(joiners[0])
+            w.inner_step, outer.outer_step = 50, 4
+            shared = await fetch(joiners[1])  # within the share window: the same snapshot
+            assert (first.inner_step, first.outer_step) == (shared.inner_step, shared.outer_step) == (7, 3)
+            await asyncio.sleep(0.6)
+            later = await fetch(joiners[2])
+            assert (later.inner_step, later.outer_step) == (50, 4)
+            assert len(donor._snapshots) == 2 and donor.sessions == 3  # the first two sessions are not idle yet
+            w.inner_step = 60
+            await asyncio.sleep(0.6)
+            with pytest.raises(StateSyncError, match="busy"):
+                await fetch(joiners[3])
+        finally:
+            await teardown([(peer, donor)], joiners[0])
+            for joiner in joiners[1:]:
+                await stop_peer(joiner)
+
+    asyncio.run(scenario())
