@@ -103,7 +103,9 @@ class AveragingConfig:
     chunk_elements: int = 1 << 20  # elements per exchanged chunk (per tensor)
     # Robust outer steps (RESULTS.md, "poisoning": what honest replicas show, what each bound stops and what it
     # lets through). A payload past a bound is rejected and its sender banned (swarmd.swarm.outer).
-    max_divergence: float = 1.0  # reject a partner whose phi is farther than this x ||our phi|| (or our drift)
+    # reject a partner whose phi is farther than this x ||our phi|| (or our drift), unless we meet it for the
+    # first time and it lies within max_distance_ratio x our drift
+    max_divergence: float = 1.0
     # ... or, if we paired with it before, farther than this x our own drift (||theta - phi||, or our last solo
     # move); a partner met for the first time that lies farther pulls only as far as one at that distance would
     max_distance_ratio: float = 5.0

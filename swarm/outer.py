@@ -223,25 +223,28 @@ def payload_problem(
     own (``OuterState.last_move_norm``): replicas drift apart by what each learns on its own between pairings,
     so that is the scale of honest distances whatever H, the learning rate or the point in training.
 
-    - Its phi must lie within ``max_divergence`` x ||our phi|| of ours (a norm bound alone lets phi' = -9 phi
-      through), or x our own drift where that is larger (early in training one outer step moves phi by more
-      than its norm).
     - A partner we paired with before must lie within ``max_distance_ratio`` x our own drift: it was within
       reach then, and one whose phi drifts a little further each outer step would drag its partners along
-      (a bound in ||phi|| alone lets it). A partner we meet for the first time may lie farther (a joiner, or
-      a replica that started late or waited long for partners: two such replicas that refused each other would
-      never pair): it is accepted with its pull clipped (``pull_scale``), and becomes known.
+      (a bound in ||phi|| alone lets it).
+    - Its phi must lie within ``max_divergence`` x ||our phi|| of ours (a norm bound alone lets phi' = -9 phi
+      through), or x our own drift where that is larger (early in training one outer step moves phi by more
+      than its norm). A partner we meet for the first time may lie farther, up to ``max_distance_ratio`` x our
+      own drift, or beyond that within the ||phi|| bound with its pull clipped (``pull_scale``); it then
+      becomes known. First meetings are joiners, catch-ups and replicas that started late or waited long for
+      partners: a joiner's phi is its donor's weights, as far from the donor's phi as the donor's progress
+      was then, which can exceed the donor's drift now; two replicas that refused each other would never pair.
     - Its progress theta - phi must be at most ``max_progress_ratio`` x ours.
 
     Finiteness and shapes are checked per chunk on arrival; this catches finite but hostile payloads.
     """
     distance = math.sqrt(distance_sq)
     drift = max(own_progress_norm, own_move_norm)
+    in_reach = distance <= max_distance_ratio * drift  # "<=" is False for a NaN: a rejection
     divergence = distance / max(own_phi_norm, drift, 1e-30)
-    if not divergence <= max_divergence:  # "not <=": a NaN is a rejection too
+    if not (divergence <= max_divergence or (in_reach and not known)):
         return (f"partner phi is {divergence:.3g} x our phi's norm away from ours (limit {max_divergence:g}; in our "
                 "own drift where that is larger)")
-    if known and not distance <= max_distance_ratio * drift:
+    if known and not in_reach:
         return (f"partner phi is {distance / max(drift, 1e-30):.3g} x our own drift (progress or last move) away "
                 f"from ours (limit {max_distance_ratio:g})")
     progress_norm = math.sqrt(partner_progress_sq)

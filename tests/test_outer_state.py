@@ -246,6 +246,18 @@ def test_early_in_training_the_phi_bound_counts_our_own_drift():
     assert "phi's norm" in payload_problem(1.0, 1.25, 0.0, 1.25**2, 10.0**2, **NEW)
 
 
+def test_a_catch_up_met_for_the_first_time_may_lie_past_the_phi_bound_within_reach():
+    """A catch-up's phi is its donor's weights at the download: as far from the donor's phi as the donor's
+    progress was then, which can exceed its drift now (1.5 against 1.25) and ||phi|| (1): the donor accepts it
+    at their first meeting, unclipped (within 5 drifts); a known partner that far is refused."""
+    assert payload_problem(1.0, 1.25, 0.0, 1.25**2, 1.5**2, **NEW) is None
+    assert pull_scale(1.5**2, 1.25, 0.0, 5.0) == 1.0
+    assert "phi's norm" in payload_problem(1.0, 1.25, 0.0, 1.25**2, 1.5**2, **BOUNDS)
+    # past 5 drifts it is the ||phi|| bound that lets a first meeting in, with its pull clipped
+    assert payload_problem(100.0, 1.0, 0.0, 1.0, 20.0**2, **NEW) is None and pull_scale(20.0**2, 1.0, 0.0, 5.0) == 0.25
+    assert "phi's norm" in payload_problem(10.0, 1.0, 0.0, 1.0, 10.5**2, **NEW)
+
+
 def test_a_clipped_pull_moves_phi_as_far_as_a_partner_at_the_bound_would():
     """A partner 4x farther than the bound: with gamma scaled by pull_scale, our phi moves by what a partner at
     the bound in the same direction would have moved it."""

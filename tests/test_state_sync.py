@@ -256,7 +256,13 @@ def test_a_later_joiner_gets_a_fresh_snapshot_and_a_donor_holds_at_most_two(monk
     """Joiners within SNAPSHOT_SHARE_S of a snapshot share it; one that comes later gets the donor's state as it is
     now (steps and outer state), while the older snapshot still serves its session; a third snapshot while two are
     in use is refused as busy."""
-    monkeypatch.setattr(state_sync, "SNAPSHOT_SHARE_S", 0.5)
+    monkeypatch.setattr(state_sync, "SNAPSHOT_SHARE_S", 300.0)  # "later" is set by age(), not by a slow machine
+
+    def age(donor: StateDonor) -> None:
+        """As if SNAPSHOT_SHARE_S had passed since every snapshot was taken (a loaded machine's download can
+        take longer than any real wait)."""
+        for served in donor._snapshots:
+            served.taken_at -= state_sync.SNAPSHOT_SHARE_S + 1.0
 
     async def scenario():
         peer = await start_peer([])
@@ -274,12 +280,12 @@ def test_a_later_joiner_gets_a_fresh_snapshot_and_a_donor_holds_at_most_two(monk
             w.inner_step, outer.outer_step = 50, 4
             shared = await fetch(joiners[1])  # within the share window: the same snapshot
             assert (first.inner_step, first.outer_step) == (shared.inner_step, shared.outer_step) == (7, 3)
-            await asyncio.sleep(0.6)
+            age(donor)
             later = await fetch(joiners[2])
             assert (later.inner_step, later.outer_step) == (50, 4)
             assert len(donor._snapshots) == 2 and donor.sessions == 3  # the first two sessions are not idle yet
             w.inner_step = 60
-            await asyncio.sleep(0.6)
+            age(donor)
             with pytest.raises(StateSyncError, match="busy"):
                 await fetch(joiners[3])
         finally:
