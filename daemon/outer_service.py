@@ -48,7 +48,8 @@ from swarmd.protocols.errors import ProtocolError
 from swarmd.protocols.limits import Limits
 from swarmd.protocols.wire import Message, RemoteError, StreamEnded, encode_message
 from swarmd.swarm.outer import (
-    OuterState, PartnerBans, Replica, chunk_bounds, commit_residuals, encode_payload, outer_step_, sum_of_squares,
+    OuterState, PartnerBans, Replica, chunk_bounds, commit_residuals, encode_payload, outer_step_, squared_distance,
+    sum_of_squares,
 )
 from swarmd.swarm.pairing import TAKEN, PairingState, Phase, choose_partner
 
@@ -209,7 +210,7 @@ class NoLoCoService:
             theta = self.replica.read_flat().float()
         bounds = chunk_bounds(state.numel, self.config.chunk_elements)
         chunks = encode_payload(state, theta, bounds, self.codec, self.block_size)
-        progress_sq = sum(sum_of_squares(theta[start:end] - state.phi[start:end]) for start, end in bounds)
+        progress_sq = squared_distance(theta, state.phi, bounds)
         return Exchange(
             numel=state.numel, bounds=bounds, own_chunks=chunks, own_phi=state.phi,
             own_phi_norm=math.sqrt(sum_of_squares(state.phi)), own_progress_norm=math.sqrt(progress_sq),

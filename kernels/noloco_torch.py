@@ -101,12 +101,11 @@ def _update_compiled(phi, theta, delta, partner_phi, partner_progress, beta, gam
     full = n // math.lcm(q1.block_size, q2.block_size) * math.lcm(q1.block_size, q2.block_size)
     if full == 0:
         return 0
-    if full == n:  # whole tensors, no slices: in-place writes to views of slices cost the compiled call more
-        c1, c2, s1, s2 = q1.codes.view(-1, q1.block_size), q2.codes.view(-1, q2.block_size), q1.scales, q2.scales
-        ok = compiled.call(noloco_blocks_, p, t, d, c1, s1, c2, s2, beta, gamma, mu)
-        return full if ok else 0
-    c1 = q1.codes[:full].view(-1, q1.block_size)
-    c2 = q2.codes[:full].view(-1, q2.block_size)
-    s1, s2 = q1.scales[: c1.shape[0]], q2.scales[: c2.shape[0]]
-    ok = compiled.call(noloco_blocks_, p[:full], t[:full], d[:full], c1, s1, c2, s2, beta, gamma, mu)
+    def head(x: torch.Tensor, count: int) -> torch.Tensor:
+        # whole tensors go unsliced: in-place writes to views of slices cost the compiled call more
+        return x if count == x.numel() else x[:count]
+
+    c1, c2 = head(q1.codes, full).view(-1, q1.block_size), head(q2.codes, full).view(-1, q2.block_size)
+    s1, s2 = head(q1.scales, c1.shape[0]), head(q2.scales, c2.shape[0])
+    ok = compiled.call(noloco_blocks_, head(p, full), head(t, full), head(d, full), c1, s1, c2, s2, beta, gamma, mu)
     return full if ok else 0

@@ -127,7 +127,7 @@ class OuterState:
         partner still at the donor's phi lies that far from ours."""
         state = cls.adopt(theta, other)
         theta = theta.detach().to(state.phi.device, torch.float32)
-        rebase = sum(sum_of_squares(theta[a:b] - state.phi[a:b]) for a, b in chunk_bounds(state.numel, 1 << 20))
+        rebase = squared_distance(theta, state.phi, chunk_bounds(state.numel, 1 << 20))
         state.last_move_norm = max(math.sqrt(rebase), math.sqrt(sum_of_squares(state.delta)))
         state.phi.copy_(theta)
         return state
@@ -195,6 +195,12 @@ def sum_of_squares(x: torch.Tensor) -> float:
         piece = piece.double()
         total += torch.dot(piece, piece)
     return float(total)
+
+
+def squared_distance(a: torch.Tensor, b: torch.Tensor, bounds: list[tuple[int, int]]) -> float:
+    """||a - b||^2 of two flat tensors, one chunk of ``bounds`` at a time (a chunk-sized difference, never a
+    model-sized one)."""
+    return sum(sum_of_squares(a[start:end] - b[start:end]) for start, end in bounds)
 
 
 def payload_values(payload: Payload) -> torch.Tensor:
