@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import os
 import platform
@@ -404,6 +405,9 @@ def main() -> int:
           f"{seq_len} bytes; {os.cpu_count()} cores, {platform.machine()}, {args.threads} threads, "
           f"torch {torch.__version__}", file=sys.stderr, flush=True)
 
+    can_plot = importlib.util.find_spec("matplotlib") is not None
+    if not can_plot:
+        print("matplotlib is not installed (pip install -e '.[bench]'): the table only, no plot", file=sys.stderr)
     wall, cpu = time.perf_counter(), time.process_time()
     curves = [run_method(method, setup) for method in methods]
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -418,8 +422,9 @@ def main() -> int:
     if "noloco" in final and "diloco" in final:
         holds = "holds" if final["noloco"] <= final["diloco"] else "does NOT hold"
         print(f"\nNoLoCo {final['noloco']:.4f} vs DiLoCo {final['diloco']:.4f}: target NoLoCo <= DiLoCo {holds}")
-    plot(curves, setup, args.out)
-    print(f"plot: {args.out}; total {wall:.0f} s wall, {cpu:.0f} s process CPU (evaluation included)")
+    if can_plot:
+        plot(curves, setup, args.out)
+    print(f"plot: {args.out if can_plot else 'none'}; total {wall:.0f} s wall, {cpu:.0f} s process CPU (evaluation included)")
     return 0
 
 
