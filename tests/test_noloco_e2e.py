@@ -48,9 +48,8 @@ def _train_2x2(tmp_path: Path, env: dict[str, str], outer: str, steps: int, pair
         s.start_seed(spec, "--no-train")
         # stage 1 first, so that both its replicas take their first microbatch together: a replica up seconds
         # after the other starts more than H steps behind and catches up (test_replica_that_started_late_catches_up)
-        stages = {n: ["--stage", str(i % 2)] for i, n in enumerate(NAMES)}
-        s.join_all({n: extra for n, extra in stages.items() if extra[-1] == "1"})
-        s.join_all({n: extra for n, extra in stages.items() if extra[-1] == "0"})
+        s.join_all({n: ["--stage", "1"] for n in NAMES[1::2]})
+        s.join_all({n: ["--stage", "0"] for n in NAMES[0::2]})
         for n in NAMES:  # on a loaded machine, outer steps can lag behind inner steps
             wait_for(lambda: _outer(s.metrics(n), "paired") >= paired, 180, f"{n}'s paired outer steps")
         wait_all_steps([s.child(n) for n in ("seed", *NAMES)], [s.ready[n]["metrics_port"] for n in NAMES], steps, 240)
