@@ -36,7 +36,7 @@ GOOD_OPEN_FILES = 4096
 MIN_FREE_DISK = 1 * GiB  # without the run's spec: room for a small model's checkpoints and logs
 CHECKPOINT_BYTES_PER_PARAM = 20  # float32 weights, two Adam moments, the outer phi and delta
 GPU_BYTES_PER_PARAM = 24  # weights, gradients, two Adam moments, outer phi and delta, in float32
-GPU_ACTIVATION_MARGIN = 1 * GiB
+GPU_OVERHEAD = 1 * GiB  # the CUDA context, the allocator's slack, one microbatch's transient tensors
 # Heartbeats live 3 x 2 s in the DHT, and peers judge their expiry by their own clocks: a skew of seconds
 # makes a live node look gone (or a gone one linger).
 CLOCK_OK_S = 0.5
@@ -103,6 +103,16 @@ def stage_parameters(spec: RunSpec) -> int:
     return math.ceil(m.n_layers / spec.pipeline.stages) * per_layer + m.vocab_size * m.dim
 
 
+def activation_bytes(spec: RunSpec) -> int:
+    """An estimate of the activations the largest stage keeps for backward: the graphs of ``kept_graphs``
+    microbatches in flight and of the one it computes, each (34 dim + 5 heads seq) x 2 bytes per token and
+    layer (Korthikanti et al., 2022, "Reducing Activation Recomputation in Large Transformer Models"; the
+    demo's float32 model saves about that much: tests/test_doctor.py)."""
+    m, p = spec.model, spec.pipeline
+    per_layer = p.microbatch_size * p.seq_len * (34 * m.dim + 5 * m.n_heads * p.seq_len) * 2
+    return (p.kept_graphs + 1) * math.ceil(m.n_layers / p.stages) * per_layer
+
+
 def disk_needed(spec: RunSpec | None) -> tuple[int, str]:
     """(bytes, why) the node directory needs: two checkpoints of the largest stage (a checkpoint is written
     beside the old one, then renamed over it), at least MIN_FREE_DISK."""
@@ -147,10 +157,13 @@ def check_gpu(probe: GpuProbe, device: str, spec: RunSpec | None) -> list[Check]
     elif spec is None:
         checks.append(Check("gpu memory", OK, detail))
     else:
-        need = GPU_BYTES_PER_PARAM * stage_parameters(spec) + GPU_ACTIVATION_MARGIN
-        detail += f"; run {spec.run_id!r} needs about {need / GiB:.1f} GiB"
+        activations = activation_bytes(spec)
+        need = GPU_BYTES_PER_PARAM * stage_parameters(spec) + activations + GPU_OVERHEAD
+        detail += (f"; run {spec.run_id!r} needs about {need / GiB:.1f} GiB "
+                   f"({activations / GiB:.1f} of it activations of {spec.pipeline.kept_graphs + 1} microbatches)")
         checks.append(Check("gpu memory", OK if free >= need else FAIL, detail,
-                            "free the GPU (`nvidia-smi` lists its processes) or pick another with --device cuda:N"))
+                            "free the GPU (`nvidia-smi` lists its processes) or pick another with --device cuda:N; "
+                            "a lower pipeline.kept_graphs in the run spec needs less (its backward re-runs forwards)"))
     if probe.triton is not None:
         checks.append(Check("triton", OK, f"triton {probe.triton} (fused kernels on CUDA)"))
     else:

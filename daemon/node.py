@@ -265,7 +265,8 @@ class Node:
         self.worker = StageWorker(
             model, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), grad_clip=o.grad_clip,
             microbatches_per_step=o.microbatches_per_step, device=options.device,
-            weight_stashes=spec.pipeline.weight_stashes, precision=o.precision,
+            weight_stashes=spec.pipeline.weight_stashes, kept_graphs=spec.pipeline.kept_graphs,
+            precision=o.precision,
         )
         await self._announce_joining()
         self._catch_up_due = True  # until a live replica's state is downloaded

@@ -31,9 +31,12 @@ class PipelineConfig:
     max_inflight: int = 4  # microbatches one driver keeps in the pipeline at once
     hop_timeout_s: float = 10.0  # one RPC hop, send to ack
     microbatch_deadline_s: float = 60.0  # a microbatch's whole forward + backward
-    # Copies of older weights a stage keeps so that every backward runs on the weights its forward saw.
-    # 0: an inner step waits until no microbatch forwarded on the current weights is still in flight.
+    # Older weight versions a stage keeps so that every backward runs on the weights its forward saw; an
+    # inner step that would need one more waits, its gradients accumulating, until the oldest is back.
     weight_stashes: int = 1
+    # In-flight microbatches whose autograd graph (activations) a stage keeps for their backward; the others
+    # keep only their inputs and re-run the forward at backward time. 0: re-run every forward.
+    kept_graphs: int = 4
     # Largest |x| a stage accepts in the activations and gradients it receives ("norm" beyond): a finite but
     # absurd value (3e38) would overflow to Inf in the next matmul. Raise it for models whose hidden states
     # run larger (some large LLMs show a few activations in the thousands).
@@ -162,7 +165,8 @@ class RunSpec:
         _check(1 <= p.microbatch_size <= 4096, "pipeline.microbatch_size must be in 1..4096")
         _check(2 <= p.seq_len <= self.model.max_seq_len, f"pipeline.seq_len must be in 2..{self.model.max_seq_len}")
         _check(1 <= p.max_inflight <= 64, "pipeline.max_inflight must be in 1..64")
-        _check(0 <= p.weight_stashes <= 16, "pipeline.weight_stashes must be in 0..16")
+        _check(1 <= p.weight_stashes <= 16, "pipeline.weight_stashes must be in 1..16")
+        _check(0 <= p.kept_graphs <= 64, "pipeline.kept_graphs must be in 0..64")
         _check(1.0 <= p.max_activation <= 1e30, "pipeline.max_activation must be in 1..1e30")
         _check(p.hop_timeout_s > 0 and p.microbatch_deadline_s > p.hop_timeout_s,
                "need 0 < pipeline.hop_timeout_s < pipeline.microbatch_deadline_s")

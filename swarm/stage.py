@@ -1,15 +1,23 @@
 """The compute of one pipeline stage on one peer: forward, backward, gradient accumulation, inner AdamW steps.
 
-The pipeline is asynchronous: the inner optimizer steps while other microbatches are still in flight. An
-autograd graph kept from forward to backward would hold tensors the in-place AdamW update invalidates, so
-``forward`` runs without grad and keeps only the inputs; ``backward`` re-runs the forward with grad on them
-(as hivemind's expert backends do).
+The pipeline is asynchronous: the inner optimizer steps while other microbatches are still in flight. Every
+backward runs on the weights its forward saw (weight stashing, as PipeDream-2BW): before the weights change in
+place (an inner step, an outer step), the version that microbatches in flight were forwarded on is kept. At
+most ``weight_stashes`` older versions exist; an inner step that would need one more waits, its gradients
+accumulating, until the oldest version's microbatches are back. A gradient is then applied one or more steps
+after the weights it was taken at (its staleness, reported per microbatch), but never mixes versions.
 
-Every backward runs on the weights its forward saw (weight stashing, as PipeDream-2BW): before the weights
-change in place (an inner step, an outer step), a copy of them is kept while microbatches forwarded on them
-are in flight. At most ``weight_stashes`` copies exist; an inner step that would need one more waits, its
-gradients accumulating, until the oldest copy's microbatches are back. A gradient is then applied one or more
-steps after the weights it was taken at (its staleness, reported per microbatch), but never mixes versions.
+A version's weights are an alias of the parameters' storage (new tensors with their own autograd version
+counters); when the weights are about to change while microbatches forwarded on them are in flight, the
+alias is kept as the stash and the live parameters move to a fresh copy, which the change then writes.
+
+Between forward and backward a microbatch keeps one of two things:
+
+- its autograd graph, for up to ``kept_graphs`` microbatches in flight: the forward runs with grad on the
+  alias, so that the backward is one pass, at the cost of the microbatch's activations;
+- beyond that, only its inputs: the forward runs without grad and the backward re-runs it with grad on its
+  version's weights (as hivemind's expert backends do), one more forward and no activations held. A stage
+  that many drivers feed (up to ``max_held_microbatches``) thus holds a bounded amount of activations.
 
 Mixed precision (``precision="bf16"``, CUDA only): forwards and the forwards that backward re-runs go under
 bf16 autocast; the weights, their gradients and AdamW's state stay fp32 (the master copy), and what leaves the
@@ -99,11 +107,12 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[s
 
 @dataclass
 class _Pending:
-    """A microbatch between forward and backward: only its inputs, never a graph."""
+    """A microbatch between forward and backward: its inputs, and its outputs with their graph if it kept one."""
 
     inputs: torch.Tensor
     inner_step: int  # the inner step its forward saw: the gradient's staleness is counted from it
     version: int  # the weights its forward saw (see StageWorker.before_weights_change)
+    outputs: torch.Tensor | None = None
 
 
 class StageWorker:
@@ -128,11 +137,14 @@ class StageWorker:
         eps: float = 1e-8,
         weight_stashes: int = 1,
         precision: str = "fp32",
+        kept_graphs: int = 4,
     ):
         if microbatches_per_step < 1:
             raise ValueError(f"microbatches_per_step must be >= 1, got {microbatches_per_step}")
         if weight_stashes < 1:
             raise ValueError(f"weight_stashes must be >= 1, got {weight_stashes}")
+        if kept_graphs < 0:
+            raise ValueError(f"kept_graphs must be >= 0, got {kept_graphs}")
         if grad_clip is not None and not grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
         self.device = torch.device(device)
@@ -144,10 +156,13 @@ class StageWorker:
             optimizer_param_groups(self.model, weight_decay), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
         )
         self.weight_stashes = weight_stashes
+        self.kept_graphs = kept_graphs
+        self._graphs = 0  # microbatches in flight that kept their graph
         self._params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
         self._pending: dict[bytes, _Pending] = {}
         self._pending_per_version: Counter[int] = Counter()
         self._stashes: dict[int, dict[str, torch.Tensor]] = {}  # older weights, by version, while in flight
+        self._current: dict[str, torch.Tensor] | None = None  # the current weights' alias, once needed
         self.version = 0  # bumped by every in-place change of the weights
         self.last_staleness = 0  # inner steps between the latest backward's forward and that backward
         self._accumulated = 0  # microbatches whose gradients sit in .grad, not yet applied
@@ -210,8 +225,9 @@ class StageWorker:
         return contextlib.nullcontext()
 
     def forward(self, mb_id: bytes, inputs: torch.Tensor) -> torch.Tensor:
-        """No-grad forward; keeps ``inputs`` under ``mb_id`` until ``backward`` or ``discard`` (the pipeline
-        discards a microbatch past its deadline or when its route breaks).
+        """Forward; keeps its graph (beyond ``kept_graphs`` in flight, only ``inputs``) under ``mb_id`` until
+        ``backward`` or ``discard`` (the pipeline discards a microbatch past its deadline or when its route
+        breaks).
 
         Raises ValueError for bad inputs or an ``mb_id`` already in flight (a duplicate must not overwrite
         the inputs another backward will need).
@@ -220,9 +236,18 @@ class StageWorker:
             raise ValueError(f"microbatch {_show(mb_id)} is already in flight")
         self.check_input(inputs)
         inputs = inputs.detach().to(self.device, copy=True)  # our own copy: the caller may reuse its buffer
-        with torch.no_grad(), self.autocast():
-            outputs = self.model(inputs)
-        self._pending[mb_id] = _Pending(inputs, self.inner_step, self.version)
+        if self._graphs < self.kept_graphs:
+            if not self.is_first:
+                inputs.requires_grad_(True)
+            with torch.enable_grad(), self.autocast():
+                outputs = functional_call(self.model, self._weights(self.version), (inputs,))
+            pending = _Pending(inputs, self.inner_step, self.version, outputs)
+            self._graphs += 1
+        else:
+            with torch.no_grad(), self.autocast():
+                outputs = self.model(inputs)
+            pending = _Pending(inputs, self.inner_step, self.version)
+        self._pending[mb_id] = pending
         self._pending_per_version[self.version] += 1
         return outputs.detach().float()  # fp32 on the wire, whatever autocast produced (a no-op in fp32)
 
@@ -254,14 +279,15 @@ class StageWorker:
             raise ValueError("gradient contains NaN or Inf")
         self._forget(mb_id)
 
-        inputs = pending.inputs
-        if not self.is_first:
-            inputs = inputs.requires_grad_(True)
-        weights = self._stashes.get(pending.version, self._params)
+        inputs, outputs = pending.inputs, pending.outputs
+        weights = self._weights(pending.version)
         try:
             with torch.enable_grad():
-                with self.autocast():
-                    outputs = functional_call(self.model, weights, (inputs,))
+                if outputs is None:
+                    if not self.is_first:
+                        inputs = inputs.requires_grad_(True)
+                    with self.autocast():
+                        outputs = functional_call(self.model, weights, (inputs,))
                 leaves = [*weights.values()] if self.is_first else [inputs, *weights.values()]
                 grads = torch.autograd.grad(outputs, leaves, grad_output.to(device=self.device, dtype=outputs.dtype))
         finally:
@@ -325,22 +351,35 @@ class StageWorker:
         self._step()
 
     def before_weights_change(self) -> None:
-        """Call before changing the weights in place (the optimizer, an outer step): keeps a copy of the
-        current weights while microbatches forwarded on them are in flight, and starts a new version."""
+        """Call before changing the weights in place (the optimizer, an outer step): while microbatches
+        forwarded on the current weights are in flight, their alias becomes a stash and the parameters move to
+        a copy (the graphs' saved tensors must not change under them). Starts a new version."""
         if self._pending_per_version[self.version]:
-            self._stashes[self.version] = {
-                name: p.detach().clone().requires_grad_(True) for name, p in self._params.items()
-            }
+            self._stashes[self.version] = self._weights(self.version)
+            for p in self._params.values():
+                p.data = p.data.clone()
+        self._current = None
         self.version += 1
+
+    def _weights(self, version: int) -> dict[str, torch.Tensor]:
+        """The weights microbatches of ``version`` were forwarded on, as leaves to differentiate: its stash,
+        or an alias of the current weights."""
+        if version in self._stashes:
+            return self._stashes[version]
+        if self._current is None:  # tensors on the parameters' storage with their own autograd version counters
+            self._current = {name: p.data.requires_grad_(True) for name, p in self._params.items()}
+        return self._current
 
     @property
     def stashed_versions(self) -> int:
-        """Copies of older weights kept for microbatches in flight."""
+        """Older weight versions (one copy of the weights each) kept for microbatches in flight."""
         return len(self._stashes)
 
     def _forget(self, mb_id: bytes) -> _Pending | None:
         pending = self._pending.pop(mb_id, None)
         if pending is not None:
+            if pending.outputs is not None:
+                self._graphs -= 1
             self._pending_per_version[pending.version] -= 1
             if not self._pending_per_version[pending.version]:
                 del self._pending_per_version[pending.version]

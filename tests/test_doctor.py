@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from swarm_harness import swarm, write_spec
 from swarmd.daemon import doctor
 from swarmd.daemon.dialback import DialBack, dial_error, dial_target
@@ -71,6 +72,29 @@ def test_stage_parameters_estimate_is_close():
     real = max(sum(p.numel() for p in build_stage(SPEC.model, s, SPEC.pipeline.stages, 0).parameters())
                for s in range(SPEC.pipeline.stages))
     assert 0.9 * real <= doctor.stage_parameters(SPEC) <= 1.1 * real
+
+
+def test_activation_estimate_is_close_to_what_a_stage_saves():
+    """The estimate per microbatch against the tensors autograd saves in a forward of the demo's stages (its
+    parameters excluded): within 0.8-1.5x."""
+    from swarmd.swarm.model import build_stage
+
+    b, s, layers = SPEC.pipeline.microbatch_size, SPEC.pipeline.seq_len, SPEC.pipeline.stages
+    per_microbatch = doctor.activation_bytes(SPEC) / (SPEC.pipeline.kept_graphs + 1)
+    for stage in range(layers):
+        model = build_stage(SPEC.model, stage, layers, 0)
+        weights = {p.data_ptr() for p in model.parameters()}
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.data_ptr() not in weights:
+                saved[t.data_ptr()] = max(saved.get(t.data_ptr(), 0), t.numel() * t.element_size())
+            return t
+
+        x = torch.randint(0, 256, (b, s)) if stage == 0 else torch.randn(b, s, SPEC.model.dim, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        assert 0.8 * sum(saved.values()) <= per_microbatch <= 1.5 * sum(saved.values()), (stage, saved)
 
 
 def test_gpu_skipped_politely_on_cpu():

@@ -1,5 +1,6 @@
 """Weight stashing: a stage's backward always runs on the weights its forward saw, even with optimizer
-steps in between, and it never keeps more than ``weight_stashes`` older copies."""
+steps in between, and it never keeps more than ``weight_stashes`` older versions; whether a microbatch kept
+its graph, re-runs its forward at backward time, or some of each."""
 
 from __future__ import annotations
 
@@ -15,9 +16,14 @@ from swarmd.swarm.stage import StageWorker
 TINY = ModelConfig(vocab_size=256, dim=32, n_layers=3, n_heads=2, max_seq_len=32)
 
 
-def middle_worker(**kwargs) -> StageWorker:
+@pytest.fixture(params=[64, 2, 0], ids=["graphs", "graphs-for-2", "recompute"])
+def kept_graphs(request) -> int:
+    return request.param
+
+
+def middle_worker(kept_graphs: int, **kwargs) -> StageWorker:
     options = {"lr": 1e-2, "grad_clip": None, "microbatches_per_step": 1, **kwargs}
-    return StageWorker(build_stage(TINY, 1, 3, seed=0), **options)
+    return StageWorker(build_stage(TINY, 1, 3, seed=0), kept_graphs=kept_graphs, **options)
 
 
 def hidden(seed: int) -> torch.Tensor:
@@ -45,8 +51,8 @@ def record_steps(worker: StageWorker) -> list[list[torch.Tensor]]:
     return applied
 
 
-def test_backward_uses_the_weights_of_its_forward_across_a_step():
-    worker = middle_worker()
+def test_backward_uses_the_weights_of_its_forward_across_a_step(kept_graphs):
+    worker = middle_worker(kept_graphs)
     applied = record_steps(worker)
     a, b = hidden(1), hidden(2)
     weights_at_forward = copy.deepcopy(worker.model)
@@ -68,8 +74,8 @@ def test_backward_uses_the_weights_of_its_forward_across_a_step():
     assert worker.stashed_versions == 0  # nothing in flight: the copy is gone
 
 
-def test_the_gradient_at_current_weights_is_unchanged():
-    worker = middle_worker()
+def test_the_gradient_at_current_weights_is_unchanged(kept_graphs):
+    worker = middle_worker(kept_graphs)
     applied = record_steps(worker)
     x, grad_out = hidden(5), hidden(6)
     _, want_params = reference_grads(worker.model, x, grad_out)
@@ -81,11 +87,11 @@ def test_the_gradient_at_current_weights_is_unchanged():
 
 
 @pytest.mark.parametrize("stashes", [1, 2, 3])
-def test_random_interleavings_stay_within_the_stash_budget(stashes):
+def test_random_interleavings_stay_within_the_stash_budget(stashes, kept_graphs):
     """Forwards and backwards in random order: the copies never exceed the budget, every step's gradients
     are those of its forwards' weights (checked via the input gradients), and nothing is left behind."""
     rng = random.Random(stashes)
-    worker = middle_worker(weight_stashes=stashes)
+    worker = middle_worker(kept_graphs, weight_stashes=stashes)
     in_flight: dict[bytes, tuple[torch.Tensor, torch.nn.Module]] = {}
     for i in range(60):
         if in_flight and (len(in_flight) >= 6 or rng.random() < 0.5):
@@ -106,9 +112,9 @@ def test_random_interleavings_stay_within_the_stash_budget(stashes):
     assert worker.inner_step > 10
 
 
-def test_outer_weight_change_keeps_inflight_consistent():
+def test_outer_weight_change_keeps_inflight_consistent(kept_graphs):
     """An outer step writes new weights in place: microbatches forwarded before it still backprop on theirs."""
-    worker = middle_worker(microbatches_per_step=4)
+    worker = middle_worker(kept_graphs, microbatches_per_step=4)
     x, grad_out = hidden(7), hidden(8)
     before = copy.deepcopy(worker.model)
     worker.forward(b"o" * 16, x)
@@ -122,4 +128,23 @@ def test_outer_weight_change_keeps_inflight_consistent():
 
 def test_weight_stashes_must_be_positive():
     with pytest.raises(ValueError, match="weight_stashes"):
-        middle_worker(weight_stashes=0)
+        middle_worker(4, weight_stashes=0)
+    with pytest.raises(ValueError, match="kept_graphs"):
+        middle_worker(-1)
+
+
+def test_only_microbatches_beyond_kept_graphs_run_their_forward_twice():
+    """A kept graph spares the backward its forward: 3 microbatches in flight with 2 graphs kept cost 4
+    forwards, and once the graphs are back a new microbatch keeps one again."""
+    worker = middle_worker(2)
+    calls = []
+    worker.model.register_forward_hook(lambda *_: calls.append(1))
+    ids = [bytes([i]) * 16 for i in range(4)]
+    for i in range(3):
+        worker.forward(ids[i], hidden(20 + i))
+    for i in range(3):
+        worker.backward(ids[i], hidden(30 + i))
+    assert len(calls) == 4
+    worker.forward(ids[3], hidden(23))
+    worker.backward(ids[3], hidden(33))
+    assert len(calls) == 5
