@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable
 
 logger = logging.getLogger(__name__)
 
+READY_CHECK_S = 1.0  # how often a replica that met no partner at its last outer step looks for one ready now
+
 
 async def run_at_boundaries(
     outer_step: Callable[[], Awaitable[str]], current_step: Callable[[], int], inner_steps: int, stop: asyncio.Event,
-    pin: Callable[[], Awaitable[bool]] | None = None,
+    pin: Callable[[], Awaitable[bool]] | None = None, partner_ready: Callable[[], Awaitable[bool]] | None = None,
 ) -> None:
     """Call ``outer_step`` each time ``current_step()`` reaches the next boundary, every ``inner_steps`` (H)
     inner steps, until ``stop`` is set. Shared by the NoLoCo and DiLoCo services.
@@ -26,11 +30,22 @@ async def run_at_boundaries(
     state (a joiner, a catch-up) would otherwise send a payload of a few inner steps at the next multiple of
     H, and its partners' phi, one solo step away from the weights it adopted, would lie many of its own
     drifts away from it (swarmd.swarm.outer.payload_problem).
+
+    With ``partner_ready`` too (NoLoCoService.partner_ready), a step without a partner is followed by an early
+    one as soon as a partner waits on the ready board, from H/2 steps after it on: two replicas whose
+    boundaries fell further apart than the pairing timeout would otherwise miss each other at every boundary,
+    each stepping solo while the other trains, since each solo wait shifts both by the same time.
     """
     start = current_step()
     boundary = (start // inner_steps + 1) * inner_steps if pin is None else start + inner_steps
     pinned_at: int | None = None  # the inner step whose weights the next step's payload is pinned to
+    early_from: int | None = None  # after a step without a partner: meet a waiting one from this inner step on
+    checked_at = -math.inf
     while not stop.is_set():
+        if early_from is not None and current_step() >= early_from and time.monotonic() - checked_at >= READY_CHECK_S:
+            checked_at = time.monotonic()
+            if await partner_ready():
+                boundary = current_step()
         if current_step() >= boundary:
             step = asyncio.ensure_future(outer_step())
             following = (current_step() if pinned_at is None else pinned_at) + inner_steps
@@ -53,4 +68,6 @@ async def run_at_boundaries(
                 boundary, pinned_at = following, following if pinned else None
             else:
                 boundary, pinned_at = current_step() + inner_steps, None
+            look_early = pin is not None and partner_ready is not None and result != "paired"
+            early_from = current_step() + inner_steps // 2 if look_early else None
         await asyncio.sleep(0.05)

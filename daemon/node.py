@@ -488,9 +488,10 @@ class Node:
         self._stage_tasks = [asyncio.create_task(self._sweep_loop())]
         if self.stage == 0:
             self._stage_tasks.append(asyncio.create_task(self.pipeline.drive(self.stage_stop)))
+        noloco = self.outer if isinstance(self.outer, NoLoCoService) else None
         self._stage_tasks.append(asyncio.create_task(run_at_boundaries(
             self._at_boundary, lambda: self.worker.inner_step, self.spec.averaging.inner_steps, self.stage_stop,
-            pin=self.outer.pin_boundary if isinstance(self.outer, NoLoCoService) else None,
+            pin=noloco.pin_boundary if noloco else None, partner_ready=noloco.partner_ready if noloco else None,
         )))
 
     async def _stop_stage_tasks(self) -> None:

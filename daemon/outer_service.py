@@ -40,7 +40,7 @@ from swarmd.daemon.metrics import NodeMetrics
 from swarmd.daemon.outer_exchange import (
     Exchange, Failed, Rejected, Stalled, send_payload, send_verdict, settle,
 )
-from swarmd.daemon.ready_board import BOARD_POLL_S, ReadyBoard
+from swarmd.daemon.ready_board import BOARD_CHECK_S, BOARD_POLL_S, ReadyBoard
 from swarmd.daemon.spec import AveragingConfig
 from swarmd.daemon.transport import Transport
 from swarmd.protocols import rpc
@@ -199,6 +199,17 @@ class NoLoCoService:
         snap = ex.theta_snap
         self._pinned = await self.lane.run(lambda: self.replica.read_flat().float().sub_(snap))
         return True
+
+    async def partner_ready(self) -> bool:
+        """Whether another replica of the stage that we have not banned waits on the ready board now (see
+        run_at_boundaries: a replica whose last outer step found no partner then takes its next one early)."""
+        if self.state is None:
+            return False
+        try:
+            board = await asyncio.wait_for(self.board.read(self.state.numel), BOARD_CHECK_S)
+        except asyncio.TimeoutError:
+            return False
+        return any(not self.partners.is_banned(p, self.state.outer_step) for p in board)
 
     def _prepare(self) -> Exchange:
         """On the lane: snapshot theta (or take the pinned one, moved onto our new phi) and encode our payload

@@ -153,12 +153,14 @@ async def _until(condition, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def _schedule(results: list[str], with_pin: bool, moves: list[tuple[int, int | None]]) -> tuple[list, list]:
+async def _schedule(results: list[str], with_pin: bool, moves: list[tuple[int, int | None]],
+                    ready: bool | None = None) -> tuple[list, list, list]:
     """Drive run_at_boundaries (H = 10) with a fake inner step: the first outer step lasts until released.
     ``moves``: (inner step to set, how many outer steps to wait for then, or None: just let it poll).
-    Returns (the inner step each outer step started at, the inner steps pin was called at)."""
+    ``ready``: what partner_ready answers (None: no partner_ready). Returns (the inner step each outer step
+    started at, the inner steps pin was called at, the inner steps partner_ready was asked at)."""
     inner, stop, release = 0, asyncio.Event(), asyncio.Event()
-    starts, pins = [], []
+    starts, pins, asked = [], [], []
 
     async def outer_step() -> str:
         starts.append(inner)
@@ -170,8 +172,12 @@ async def _schedule(results: list[str], with_pin: bool, moves: list[tuple[int, i
         pins.append(inner)
         return True
 
-    runner = asyncio.create_task(run_at_boundaries(outer_step, lambda: inner, 10, stop,
-                                                   pin=pin if with_pin else None))
+    async def partner_ready() -> bool:
+        asked.append(inner)
+        return bool(ready)
+
+    runner = asyncio.create_task(run_at_boundaries(outer_step, lambda: inner, 10, stop, pin=pin if with_pin else None,
+                                                   partner_ready=None if ready is None else partner_ready))
     await asyncio.sleep(0.1)  # the runner starts at inner step 0: its first boundary is 10
     for step, starts_then in moves:
         inner = step
@@ -183,25 +189,40 @@ async def _schedule(results: list[str], with_pin: bool, moves: list[tuple[int, i
             await _until(lambda: len(starts) == starts_then)
     stop.set()
     await asyncio.wait_for(runner, 5)
-    return starts, pins
+    return starts, pins, asked
 
 
 def test_a_paired_step_that_overran_a_boundary_pins_it_and_the_next_step_starts_at_once():
     """The first outer step (at inner step 10) is paired and lasts until step 28: the boundary at 20 is pinned
     as the inner step passes it, the next step starts as soon as the first ends, the one after at 30."""
-    starts, pins = asyncio.run(_schedule(["paired"], True, [(10, 1), (25, None), (28, 2), (29, None), (30, 3)]))
+    starts, pins, _ = asyncio.run(_schedule(["paired"], True, [(10, 1), (25, None), (28, 2), (29, None), (30, 3)]))
     assert starts == [10, 28, 30] and pins == [25]
 
 
 def test_after_a_step_without_a_partner_the_next_comes_h_steps_after_it_ended():
     """Its update came from the weights as it ended (at 28): the next step comes at 38, not at 30."""
-    starts, pins = asyncio.run(_schedule(["solo"], True, [(10, 1), (25, None), (28, None), (37, None), (38, 2)]))
+    starts, pins, _ = asyncio.run(_schedule(["solo"], True, [(10, 1), (25, None), (28, None), (37, None), (38, 2)]))
     assert starts == [10, 38] and pins == [25]
+
+
+def test_after_a_step_without_a_partner_one_waiting_on_the_board_is_met_from_h_over_2_on():
+    """The solo step ended at 28: from 33 on the replica asks whether a partner waits, and steps when one does
+    (at 34 here), not at 38. Two replicas whose boundaries drifted apart meet again this way."""
+    starts, _, asked = asyncio.run(_schedule(["solo"], True, [(10, 1), (28, None), (32, None), (34, 2)], ready=True))
+    assert starts == [10, 34] and asked == [34]
+
+
+def test_no_early_step_when_no_partner_waits_or_after_a_paired_step():
+    starts, _, asked = asyncio.run(_schedule(["solo"], True, [(10, 1), (28, None), (34, None), (38, 2)], ready=False))
+    assert starts == [10, 38] and asked == [34]
+    starts, _, asked = asyncio.run(_schedule(["paired"], True, [(10, 1), (25, None), (28, 2), (29, None), (30, 3)],
+                                              ready=True))
+    assert starts == [10, 28, 30] and asked == []
 
 
 def test_without_pin_overrun_boundaries_are_skipped():
     """DiLoCo's schedule: the multiples of H; the boundary at 20, overrun, is skipped."""
-    starts, pins = asyncio.run(_schedule(["paired"], False, [(10, 1), (25, None), (28, None), (29, None), (30, 2)]))
+    starts, pins, _ = asyncio.run(_schedule(["paired"], False, [(10, 1), (25, None), (28, None), (29, None), (30, 2)]))
     assert starts == [10, 30] and pins == []
 
 
