@@ -263,7 +263,7 @@ def grafana_to_promql(expr: str) -> str:
 
 @pytest.mark.slow
 def test_panels_and_alerts_against_a_real_prometheus(tmp_path: Path, swarm_env: dict[str, str]) -> None:
-    """A seed plus 2x2 volunteers (NoLoCo, so averaging has data), scraped for a minute by Prometheus with
+    """A seed plus 2x2 volunteers (NoLoCo, so averaging has data), scraped for 40 s or more by Prometheus with
     deploy/'s config and rules; then every panel query returns data and every alert expression evaluates."""
     binary = shutil.which("prometheus")
     if binary is None:
@@ -286,10 +286,11 @@ def test_panels_and_alerts_against_a_real_prometheus(tmp_path: Path, swarm_env: 
         try:
             started = time.monotonic()
             wait_for(lambda: scraped(base) == len(names), 30, "Prometheus to scrape every node")
-            # a minute of scrapes, in which the replicas train and take outer steps
+            # 40 s of scrapes (20 at 2 s), in which the replicas train and take outer steps; then 10 s more
+            # after every volunteer's first outer step, so that its series has samples to take a rate of
             wait_for(lambda: all(outer_steps(s.metrics(n)) > 0 for n in names[1:]), 90,
                      "every volunteer's first outer step")
-            time.sleep(max(0.0, 60 - (time.monotonic() - started)))
+            time.sleep(max(10.0, 40 - (time.monotonic() - started)))
             texts = {name: s.metrics_text(name) for name in names}
             for name in names:  # the node found its p2pd; the volunteers timed their inner steps
                 assert 'swarmd_process_resident_memory_bytes{process="p2pd"}' in texts[name]
