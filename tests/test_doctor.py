@@ -79,10 +79,10 @@ def test_activation_estimate_is_close_to_what_a_stage_saves():
     parameters excluded): within 0.8-1.5x."""
     from swarmd.swarm.model import build_stage
 
-    b, s, layers = SPEC.pipeline.microbatch_size, SPEC.pipeline.seq_len, SPEC.pipeline.stages
+    b, s, stages = SPEC.pipeline.microbatch_size, SPEC.pipeline.seq_len, SPEC.pipeline.stages
     per_microbatch = doctor.activation_bytes(SPEC) / (SPEC.pipeline.kept_graphs + 1)
-    for stage in range(layers):
-        model = build_stage(SPEC.model, stage, layers, 0)
+    for stage in range(stages):
+        model = build_stage(SPEC.model, stage, stages, 0)
         weights = {p.data_ptr() for p in model.parameters()}
         saved: dict[int, int] = {}
 
