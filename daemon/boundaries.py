@@ -25,7 +25,9 @@ async def run_at_boundaries(
     instead, not H plus however long the step before took (a partner's progress is judged against ours: the
     two must cover as many steps): after a "paired" step, whose update came from the weights at its start,
     the next boundary is H steps after that start (pinned by ``pin()`` when the step overran it, and then
-    taken at once); after any other step, whose update came from the weights at its end, H steps after that.
+    taken at once, its H steps counted on from where the pin read the weights, which can be later: the pin
+    waits for the lane and for the step's snapshot); after any other step, whose update came from the weights
+    at its end, H steps after that.
     The first boundary is then H steps after the loop starts too: a replica that just took a live replica's
     state (a joiner, a catch-up) would otherwise send a payload of a few inner steps at the next multiple of
     H, and its partners' phi, one solo step away from the weights it adopted, would lie many of its own
@@ -49,11 +51,12 @@ async def run_at_boundaries(
         if current_step() >= boundary:
             step = asyncio.ensure_future(outer_step())
             following = (current_step() if pinned_at is None else pinned_at) + inner_steps
-            result, pinned = None, False
+            result, pinned, pinned_step = None, False, 0
             try:
                 while not step.done():
                     if pin is not None and not pinned and current_step() >= following:
                         pinned = await pin()  # the weights at the next boundary, which this step overran
+                        pinned_step = current_step()  # at or after the inner step those weights were read at
                     await asyncio.wait({step}, timeout=0.05)
                 result = step.result()
             except asyncio.CancelledError:
@@ -65,7 +68,7 @@ async def run_at_boundaries(
             if pin is None:
                 boundary = (current_step() // inner_steps + 1) * inner_steps
             elif result == "paired":
-                boundary, pinned_at = following, following if pinned else None
+                boundary, pinned_at = following, pinned_step if pinned else None
             else:
                 boundary, pinned_at = current_step() + inner_steps, None
             look_early = pin is not None and partner_ready is not None and result != "paired"

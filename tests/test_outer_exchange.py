@@ -195,8 +195,18 @@ async def _schedule(results: list[str], with_pin: bool, moves: list[tuple[int, i
 def test_a_paired_step_that_overran_a_boundary_pins_it_and_the_next_step_starts_at_once():
     """The first outer step (at inner step 10) is paired and lasts until step 28: the boundary at 20 is pinned
     as the inner step passes it, the next step starts as soon as the first ends, the one after at 30."""
-    starts, pins, _ = asyncio.run(_schedule(["paired"], True, [(10, 1), (25, None), (28, 2), (29, None), (30, 3)]))
-    assert starts == [10, 28, 30] and pins == [25]
+    starts, pins, _ = asyncio.run(_schedule(["paired"], True, [(10, 1), (20, None), (28, 2), (29, None), (30, 3)]))
+    assert starts == [10, 28, 30] and pins == [20]
+
+
+def test_a_late_pin_counts_the_next_h_steps_from_where_it_read_the_weights():
+    """The first step started at 10 and could only be pinned at 26 (the pin waits for the lane and for the
+    step's snapshot): the second step starts as the first ends, at 28, with the weights of 26, and the third
+    comes H steps after 26 (at 36, not at 35, the first step seen past 30). Counted from 20, a pin read after
+    30 would start the third step at once, on weights no inner step had changed since the second's: a
+    payload of zero progress."""
+    starts, pins, _ = asyncio.run(_schedule(["paired"], True, [(10, 1), (26, None), (28, 2), (35, None), (36, 3)]))
+    assert starts == [10, 28, 36] and pins == [26]
 
 
 def test_after_a_step_without_a_partner_the_next_comes_h_steps_after_it_ended():
@@ -215,7 +225,7 @@ def test_after_a_step_without_a_partner_one_waiting_on_the_board_is_met_from_h_o
 def test_no_early_step_when_no_partner_waits_or_after_a_paired_step():
     starts, _, asked = asyncio.run(_schedule(["solo"], True, [(10, 1), (28, None), (34, None), (38, 2)], ready=False))
     assert starts == [10, 38] and asked == [34]
-    starts, _, asked = asyncio.run(_schedule(["paired"], True, [(10, 1), (25, None), (28, 2), (29, None), (30, 3)],
+    starts, _, asked = asyncio.run(_schedule(["paired"], True, [(10, 1), (20, None), (28, 2), (29, None), (30, 3)],
                                               ready=True))
     assert starts == [10, 28, 30] and asked == []
 
