@@ -48,7 +48,7 @@ async def run_at_boundaries(
             checked_at = time.monotonic()
             if await partner_ready():
                 boundary = current_step()
-        if current_step() >= boundary:
+        if current_step() >= boundary and not stop.is_set():  # (stop may have come during partner_ready)
             step = asyncio.ensure_future(outer_step())
             following = (current_step() if pinned_at is None else pinned_at) + inner_steps
             result, pinned, pinned_step = None, False, 0

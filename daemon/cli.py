@@ -171,8 +171,12 @@ async def _run_node(options) -> int:
 
     node = await Node.create(options)
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:  # the first one stops cleanly, a second hurries the stop
+        (node.hurry if node.stop_event.is_set() else node.stop_event).set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, node.stop_event.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         _print_banner(node)
         await node.run()

@@ -96,8 +96,9 @@ def wait_ready(child: Child, timeout: float) -> dict:
     raise TimeoutError(f"{child.name} was not ready after {timeout:.0f} s")
 
 
-def stop_children(children: list[Child], timeout: float = 15.0) -> None:
-    """SIGTERM every child, wait, then SIGKILL whatever is left (and its process group: p2pd)."""
+def stop_children(children: list[Child], timeout: float = 30.0) -> None:
+    """SIGTERM every child, wait, then SIGKILL whatever is left (and its process group: p2pd). A node's clean
+    stop can take a drain, a last outer step and a checkpoint: ``timeout`` leaves room for them."""
     for child in children:
         if child.process.poll() is None:
             child.process.send_signal(signal.SIGTERM)

@@ -61,6 +61,9 @@ JOIN_READS = 3  # reads of our stage's record before concluding nobody serves it
 JOIN_REREAD_S = 1.0
 DRAIN_S = 5.0  # how long a leaving node lets held microbatches finish
 WITHDRAW_TIMEOUT_S = 3.0
+# A clean stop's last outer step waits this long for a partner (one stopping too, or at its boundary): replicas
+# stopped together arrive within a drain of each other, and a replica stopped alone should not linger.
+LAST_MEETING_WAIT_S = 5.0
 REVOCATIONS_TTL_S = 180.0  # the seed republishes its revocation list every 60 s
 REACHABILITY_CHECK_S = 15.0  # how often a node re-reads its visible addresses (a relay one may appear)
 
@@ -102,6 +105,7 @@ class Node:
 
     def __init__(self) -> None:  # use create()
         self.stop_event = asyncio.Event()
+        self.hurry = asyncio.Event()  # a second stop signal: skip the last outer step
         self._tasks: list[asyncio.Task] = []
         self.pipeline: PipelineService | None = None
         self.worker: StageWorker | None = None
@@ -120,6 +124,8 @@ class Node:
         self.stage_stop = asyncio.Event()
         self._stage_tasks: list[asyncio.Task] = []
         self._boundaries = 0
+        self._outer_at = 0  # the inner step our last outer step's update was taken at (or our stage's state came)
+        self._boundary_task: asyncio.Task | None = None  # run_at_boundaries for the stage we serve
         self._catch_up_due = False  # the stage's state came from no live replica: look again at the first boundary
         self._stage_change = asyncio.Lock()  # a rebalancing move and a catch-up never overlap
         self._first_step: int | None = None  # our inner step when run() started (None: not running yet)
@@ -485,14 +491,16 @@ class Node:
     def _start_stage_tasks(self) -> None:
         """The loops of the stage this node serves; a move stops them and starts the new stage's."""
         self.stage_stop = asyncio.Event()
+        self._outer_at = self.worker.inner_step
         self._stage_tasks = [asyncio.create_task(self._sweep_loop())]
         if self.stage == 0:
             self._stage_tasks.append(asyncio.create_task(self.pipeline.drive(self.stage_stop)))
         noloco = self.outer if isinstance(self.outer, NoLoCoService) else None
-        self._stage_tasks.append(asyncio.create_task(run_at_boundaries(
+        self._boundary_task = asyncio.create_task(run_at_boundaries(
             self._at_boundary, lambda: self.worker.inner_step, self.spec.averaging.inner_steps, self.stage_stop,
             pin=noloco.pin_boundary if noloco else None, partner_ready=noloco.partner_ready if noloco else None,
-        )))
+        ))
+        self._stage_tasks.append(self._boundary_task)
 
     async def _stop_stage_tasks(self) -> None:
         self.stage_stop.set()
@@ -513,7 +521,12 @@ class Node:
             if lead is not None:  # re-entering the stage stops this loop: run it beside
                 self._tasks.append(asyncio.create_task(self._catch_up(lead)))
                 return "catch_up"
+        started_at = self.worker.inner_step
         result = await self.outer.outer_step() if self.outer is not None else "none"
+        # A paired step carries over the inner steps taken during it: they are still ours to hand over. A
+        # step while stopping that found no partner ("missed") changed nothing: the last one tries again.
+        if result != "missed":
+            self._outer_at = started_at if result == "paired" else self.worker.inner_step
         self._boundaries += 1
         every = self.spec.checkpoint.every_outer_steps
         if every and self._boundaries % every == 0:
@@ -702,6 +715,40 @@ class Node:
         self.pipeline = self.outer = self.donor = None
         self.state_ready = False
 
+    async def _last_outer_step(self) -> None:
+        """At a clean stop, hand the inner steps taken since our last outer step to a partner instead of
+        leaving with them: one more NoLoCo step, if a replica of our stage that is stopping too, or at its
+        boundary, pairs with us within LAST_MEETING_WAIT_S. A run stopped as a whole (``swarmd demo``) then
+        leaves each pair of replicas with its pair's average. Nobody comes: the weights stay as they are.
+        A second stop signal (``hurry``) skips it."""
+        noloco = self.outer if isinstance(self.outer, NoLoCoService) else None
+        if noloco is None or self.worker is None or self.worker.inner_step == self._outer_at:
+            return
+        wait = min(LAST_MEETING_WAIT_S, self.spec.averaging.pair_timeout_s)
+        print(f"stopping: a last outer step, if a partner of stage {self.stage} comes within {wait:g} s "
+              "(stop again to skip it)", flush=True)
+        step = asyncio.ensure_future(noloco.outer_step(pair_timeout_s=wait))
+        await self._unless_hurried(step)
+        if step.cancelled():
+            result = "skipped"
+        elif (error := step.exception()) is not None:  # a bug here must not cost the checkpoint
+            logger.warning("last outer step failed: %s: %s", type(error).__name__, error)
+            result = "failed"
+        else:
+            result = step.result()
+        print(f"last outer step: {result}", flush=True)
+
+    async def _unless_hurried(self, task: asyncio.Future) -> None:
+        """Wait for ``task`` to end, or cancel it at a second stop signal (``hurry``)."""
+        hurry = asyncio.ensure_future(self.hurry.wait())
+        try:
+            await asyncio.wait({task, hurry}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hurry.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+
     async def _republish_loop(self) -> None:
         """The seed: the spec every 300 s; in a private run the revocation list at once when
         `swarmd token revoke` changed it, and every 60 s anyway."""
@@ -768,19 +815,28 @@ class Node:
     async def close(self) -> None:
         """Leave cleanly, then stop everything this node started, p2pd included. Safe to call more than once.
 
-        Order: withdraw our heartbeat, stop taking work and let held microbatches finish (briefly), stop the
-        loops, write the checkpoint, then leave the DHT and stop p2pd."""
+        Order: stop driving and starting outer steps, withdraw our heartbeat, stop taking work and let held
+        microbatches finish (briefly), let an outer step under way finish, stop the loops, take a last outer
+        step if a partner comes (``_last_outer_step``), write the checkpoint, then leave the DHT and stop p2pd."""
         self.stop_event.set()
         if self.pipeline is not None and self.state_ready:
+            self.stage_stop.set()  # drivers start no new microbatches, run_at_boundaries no new outer step
+            if isinstance(self.outer, NoLoCoService):
+                self.outer.leaving = True
             await self._withdraw()
-            self.stage_stop.set()  # drivers start no new microbatches
             await self.pipeline.drain(DRAIN_S)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self.stage_stop.is_set() and self._boundary_task is not None and not self._boundary_task.done():
+            # let an outer step under way finish (it may pair with a partner's last one): cut short, it could
+            # leave its partner's weights averaged and ours not
+            await self._unless_hurried(self._boundary_task)
         if self._stage_tasks:
             await self._stop_stage_tasks()
+        if self.state_ready:
+            await self._last_outer_step()
         for service in (self.donor, self.outer, self.pipeline):
             if service is not None:
                 await service.close()

@@ -84,6 +84,10 @@ class NoLoCoService:
         self._paired = asyncio.Event()
         self._pinned: torch.Tensor | None = None  # theta - theta_snap at the boundary this step overran (pin_boundary)
         self._tasks: set[asyncio.Task] = set()  # fire-and-forget board updates, kept until done
+        # Set by a clean stop (Node.close): no solo steps from then on. Their only use is to keep the next
+        # payload's progress to about H inner steps, and a solo step taken as it stops would leave this replica
+        # with nothing to hand over at its last outer step (Node._last_outer_step).
+        self.leaving = False
 
     async def start(self, adopt: OuterState | None = None) -> None:
         """Take phi from the current weights (or ``adopt`` a live replica's outer state, for a joiner that
@@ -112,8 +116,10 @@ class NoLoCoService:
 
     # ---- one outer step ------------------------------------------------------------------------
 
-    async def outer_step(self) -> str:
-        """One outer step: pair, exchange, update. Returns "paired", "solo", "rejected" or "failed"."""
+    async def outer_step(self, pair_timeout_s: float | None = None) -> str:
+        """One outer step: pair, exchange, update. Returns "paired", "solo", "rejected" or "failed"; once
+        ``leaving`` is set, "missed" instead of any result but "paired" (weights and counts left alone).
+        ``pair_timeout_s`` overrides the spec's wait for a partner."""
         assert self.state is not None, "call start() first"
         cfg = self.config
         ex = await self.lane.run(self._prepare)
@@ -126,7 +132,8 @@ class NoLoCoService:
         started = time.monotonic()
         partner: str | None = None
         try:
-            paired = await self._find_partner(started + cfg.pair_timeout_s)
+            wait = cfg.pair_timeout_s if pair_timeout_s is None else pair_timeout_s
+            paired = await self._find_partner(started + wait)
             self.metrics.partner_wait.observe(time.monotonic() - started)
             partner = self.pairing.partner if paired else None
             if partner is None:
@@ -141,9 +148,12 @@ class NoLoCoService:
                     pending.cancel()
                 elif pending is not None and not pending.cancelled():
                     pending.exception()  # retrieved: a failure reported after the step settled is not an error
-        await self.lane.run(self._apply, ex, use_partner)
         if not use_partner:
             self._pinned = None  # it pinned a boundary before the weights this step was taken from
+            if self.leaving:
+                logger.info("outer step without a partner's payload (%s): weights left as they are", result)
+                return "missed"
+        await self.lane.run(self._apply, ex, use_partner)
         self.metrics.outer_steps.labels(result).inc()
         self.results[result] += 1
         logger.info("outer step %d: %s%s", self.state.outer_step, result, f" with {partner[-8:]}" if partner else "")

@@ -57,12 +57,14 @@ def _train_2x2(tmp_path: Path, env: dict[str, str], outer: str, steps: int, pair
         stop_children(s.children)
         for n in NAMES:
             assert s.child(n).process.returncode == 0, s.output(n)
-        return {n: {**_checkpoint(tmp_path / n / "checkpoint.pt"), "metrics": metrics[n]} for n in NAMES}
+        return {n: {**_checkpoint(tmp_path / n / "checkpoint.pt"), "metrics": metrics[n], "output": s.output(n)}
+                for n in NAMES}
 
 
 def test_pairs_average_and_stay_closer_than_without_averaging(tmp_path: Path, swarm_env: dict[str, str]) -> None:
     """2x2, H=10: every replica takes >= 3 paired outer steps, and the replicas of a stage end closer
-    together than in the same run with outer = "none"."""
+    together than in the same run with outer = "none". Stopped together, the replicas of a stage take a last
+    outer step with each other and leave far closer weights than between two outer steps."""
     steps = 60
     noloco = _train_2x2(tmp_path / "noloco", swarm_env, "noloco", steps, paired=3)
     steps = int(max(noloco[n]["metrics"]["swarmd_inner_steps_total"] for n in NAMES))  # the same budget
@@ -78,6 +80,11 @@ def test_pairs_average_and_stay_closer_than_without_averaging(tmp_path: Path, sw
         theta_gap = _relative_distance(_flat_weights(noloco[a]), _flat_weights(noloco[b]))
         alone_gap = _relative_distance(_flat_weights(alone[a]), _flat_weights(alone[b]))
         assert phi_gap < alone_gap and theta_gap < alone_gap, (a, b, phi_gap, theta_gap, alone_gap)
+        last = [re.findall(r"last outer step: (\w+)", noloco[n]["output"]) for n in (a, b)]
+        assert not any("last outer step" in alone[n]["output"] for n in (a, b))
+        print(f"{a}, {b}: last outer steps {last}, theta gap {theta_gap:.2e}, without averaging {alone_gap:.2e}")
+        if last == [["paired"], ["paired"]]:  # (none when both stopped with no inner step since their last one)
+            assert theta_gap < 0.1 * alone_gap, (a, b, theta_gap, alone_gap)
 
 
 def test_diloco_baseline_all_reduces(tmp_path: Path, swarm_env: dict[str, str]) -> None:
