@@ -62,8 +62,9 @@ JOIN_REREAD_S = 1.0
 DRAIN_S = 5.0  # how long a leaving node lets held microbatches finish
 WITHDRAW_TIMEOUT_S = 3.0
 # A clean stop's last outer step waits this long for a partner (one stopping too, or at its boundary): replicas
-# stopped together arrive within a drain of each other, and a replica stopped alone should not linger.
-LAST_MEETING_WAIT_S = 5.0
+# stopped together arrive within a drain of each other (one may wait DRAIN_S for a microbatch that cannot
+# finish, the other none), and a replica stopped alone should not linger.
+LAST_MEETING_WAIT_S = DRAIN_S + 3.0
 REVOCATIONS_TTL_S = 180.0  # the seed republishes its revocation list every 60 s
 REACHABILITY_CHECK_S = 15.0  # how often a node re-reads its visible addresses (a relay one may appear)
 
@@ -724,7 +725,7 @@ class Node:
         noloco = self.outer if isinstance(self.outer, NoLoCoService) else None
         if noloco is None or self.worker is None or self.worker.inner_step == self._outer_at:
             return
-        wait = min(LAST_MEETING_WAIT_S, self.spec.averaging.pair_timeout_s)
+        wait = LAST_MEETING_WAIT_S
         print(f"stopping: a last outer step, if a partner of stage {self.stage} comes within {wait:g} s "
               "(stop again to skip it)", flush=True)
         step = asyncio.ensure_future(noloco.outer_step(pair_timeout_s=wait))
