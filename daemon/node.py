@@ -725,10 +725,9 @@ class Node:
         noloco = self.outer if isinstance(self.outer, NoLoCoService) else None
         if noloco is None or self.worker is None or self.worker.inner_step == self._outer_at:
             return
-        wait = LAST_MEETING_WAIT_S
-        print(f"stopping: a last outer step, if a partner of stage {self.stage} comes within {wait:g} s "
-              "(stop again to skip it)", flush=True)
-        step = asyncio.ensure_future(noloco.outer_step(pair_timeout_s=wait))
+        print(f"stopping: a last outer step, if a partner of stage {self.stage} comes within "
+              f"{LAST_MEETING_WAIT_S:g} s (stop again to skip it)", flush=True)
+        step = asyncio.ensure_future(noloco.outer_step(pair_timeout_s=LAST_MEETING_WAIT_S))
         await self._unless_hurried(step)
         if step.cancelled():
             result = "skipped"

@@ -225,8 +225,10 @@ class NoLoCoService:
         """On the lane: snapshot theta (or take the pinned one, moved onto our new phi) and encode our payload
         chunks, on the replica's device."""
         state = self.state
-        if self._pinned is not None:  # the weights at the boundary the last step overran, in its update's frame
-            theta, self._pinned = self._pinned.add_(state.phi), None
+        pinned, self._pinned = self._pinned, None
+        if pinned is not None and not self.leaving:  # the weights at the boundary the last step overran, in its
+            # update's frame (a leaving replica hands over all its progress instead)
+            theta = pinned.add_(state.phi)
         else:
             theta = self.replica.read_flat().float()
         bounds = chunk_bounds(state.numel, self.config.chunk_elements)

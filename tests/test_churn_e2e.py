@@ -17,7 +17,7 @@ from swarmd.daemon.demo import Child, stop_children
 
 pytestmark = pytest.mark.slow
 
-CHAOS_S = 60.0  # scripted churn after the warm-up: 4 or 5 kills and joins, the stage wipe among them
+CHAOS_S = 45.0  # scripted churn after the warm-up: 3 or 4 kills and joins, the stage wipe among them
 SETTLE_S = 15.0  # after the last join: every joiner trains
 KILL_EVERY_S = (10.0, 15.0)
 
