@@ -61,10 +61,10 @@ JOIN_READS = 3  # reads of our stage's record before concluding nobody serves it
 JOIN_REREAD_S = 1.0
 DRAIN_S = 5.0  # how long a leaving node lets held microbatches finish
 WITHDRAW_TIMEOUT_S = 3.0
-# A clean stop's last outer step waits this long for a partner (one stopping too, or at its boundary): replicas
-# stopped together arrive within a drain of each other (one may wait DRAIN_S for a microbatch that cannot
-# finish, the other none), and a replica stopped alone should not linger.
-LAST_MEETING_WAIT_S = DRAIN_S + 3.0
+# A clean stop's last outer step must pair this long after the stop began at the latest, which leaves a 15 s
+# stop room for the checkpoint. Replicas stopped together arrive up to a drain apart (one may wait DRAIN_S
+# for a microbatch that cannot finish, the other none): the earlier one waits the longer.
+LAST_MEETING_BY_S = 12.0
 REVOCATIONS_TTL_S = 180.0  # the seed republishes its revocation list every 60 s
 REACHABILITY_CHECK_S = 15.0  # how often a node re-reads its visible addresses (a relay one may appear)
 
@@ -107,6 +107,7 @@ class Node:
     def __init__(self) -> None:  # use create()
         self.stop_event = asyncio.Event()
         self.hurry = asyncio.Event()  # a second stop signal: skip the last outer step
+        self._stopping_since = 0.0  # time.monotonic() when close() began
         self._tasks: list[asyncio.Task] = []
         self.pipeline: PipelineService | None = None
         self.worker: StageWorker | None = None
@@ -719,15 +720,20 @@ class Node:
     async def _last_outer_step(self) -> None:
         """At a clean stop, hand the inner steps taken since our last outer step to a partner instead of
         leaving with them: one more NoLoCo step, if a replica of our stage that is stopping too, or at its
-        boundary, pairs with us within LAST_MEETING_WAIT_S. A run stopped as a whole (``swarmd demo``) then
-        leaves each pair of replicas with its pair's average. Nobody comes: the weights stay as they are.
+        boundary, pairs with us by LAST_MEETING_BY_S after the stop began. A run stopped as a whole
+        (``swarmd demo``) then leaves each pair of replicas with its pair's average. Nobody comes: the weights
+        stay as they are.
         A second stop signal (``hurry``) skips it."""
         noloco = self.outer if isinstance(self.outer, NoLoCoService) else None
         if noloco is None or self.worker is None or self.worker.inner_step == self._outer_at:
             return
-        print(f"stopping: a last outer step, if a partner of stage {self.stage} comes within "
-              f"{LAST_MEETING_WAIT_S:g} s (stop again to skip it)", flush=True)
-        step = asyncio.ensure_future(noloco.outer_step(pair_timeout_s=LAST_MEETING_WAIT_S))
+        wait = LAST_MEETING_BY_S - (time.monotonic() - self._stopping_since)
+        if wait < 1.0:
+            print("stopping: no time left for a last outer step", flush=True)
+            return
+        print(f"stopping: a last outer step, if a partner of stage {self.stage} comes within {wait:.0f} s "
+              "(stop again to skip it)", flush=True)
+        step = asyncio.ensure_future(noloco.outer_step(pair_timeout_s=wait))
         await self._unless_hurried(step)
         if step.cancelled():
             result = "skipped"
@@ -818,6 +824,7 @@ class Node:
         Order: stop driving and starting outer steps, withdraw our heartbeat, stop taking work and let held
         microbatches finish (briefly), let an outer step under way finish, stop the loops, take a last outer
         step if a partner comes (``_last_outer_step``), write the checkpoint, then leave the DHT and stop p2pd."""
+        self._stopping_since = time.monotonic()
         self.stop_event.set()
         if self.pipeline is not None and self.state_ready:
             self.stage_stop.set()  # drivers start no new microbatches, run_at_boundaries no new outer step
