@@ -39,6 +39,7 @@ BUSY_RETRY_S = 0.02  # pause before retrying when every next-stage peer answered
 # second), so retry after a pause, and never ban it for that
 UNAUTHORIZED_RETRY_S = 0.5
 NO_PEER_RETRY_S = 0.25  # pause while the next stage has no live peer
+EVAL_RETRY_S = 2.0  # pause before retrying an evaluation pass that scored nothing
 
 
 @dataclass
@@ -321,7 +322,8 @@ class PipelineService:
             await self._send_backward(held.sender, mb_id, self.stage - 1, loss, gradient)
 
     async def _send_forward(self, mb_id: bytes, outgoing: Outgoing, held: HeldMicrobatch) -> str | None:
-        """Hand the microbatch to a next-stage peer, rerouting around failures. Returns who took it.
+        """Hand the microbatch to a next-stage peer, rerouting around failures. Returns who took it, or None
+        (past the deadline; while draining, once every next-stage peer had one try: a stop waits no longer).
 
         ``held.downstream`` names the peer before the request leaves: a fast next stage can send the
         gradient back before our coroutine resumes from its ack, and that gradient must be accepted.
@@ -341,6 +343,8 @@ class PipelineService:
             candidates = self._with_outstanding(self.peers.stage(next_stage))
             peer = choose_peer(candidates, self.bans, self.rng, time.time(), exclude=tried)
             if peer is None:
+                if not self.accepting:
+                    return None
                 all_busy = bool(tried) and all(p.peer_id in tried for p in candidates)
                 tried.clear()
                 await asyncio.sleep(UNAUTHORIZED_RETRY_S if unknown_to_them else BUSY_RETRY_S if all_busy
@@ -429,11 +433,15 @@ class PipelineService:
             await self.run_microbatch()
 
     async def _evaluation_loop(self, stop: asyncio.Event) -> None:
-        """An evaluation pass at the start and then every ``evaluation.every_steps`` inner steps."""
+        """An evaluation pass at the start and then every ``evaluation.every_steps`` inner steps. A pass that
+        scored nothing (at start the next stage is often not found yet) is tried again a moment later, so the
+        first pass measures the model as it started, not ``every_steps`` later."""
         due = self.worker.inner_step
         while not stop.is_set():
             if self.worker.inner_step >= due:
-                await self.evaluate()
+                if await self.evaluate() is None:
+                    await asyncio.sleep(EVAL_RETRY_S)
+                    continue
                 due = self.worker.inner_step + self.spec.evaluation.every_steps
             await asyncio.sleep(0.5)
 

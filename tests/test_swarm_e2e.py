@@ -30,12 +30,7 @@ def test_seed_and_four_volunteers_train(tmp_path: Path, swarm_env: dict[str, str
         s.join_all({name: ["--stage", str(i % 2)] for i, name in enumerate(names)})
         counters = ("swarmd_samples_total", "swarmd_tokens_total", "swarmd_inner_steps_total")
         first = {n: s.metrics(n) for n in names}  # right after start: every node is alive
-        for n in names:  # counters advance on every node while it trains
-            wait_for(lambda: all(s.metrics(n)[c] > first[n][c] for c in counters), 60, f"{n}'s counters to advance")
-        second = {n: s.metrics(n) for n in names if s.child(n).process.poll() is None}
-        assert any(m['swarmd_sent_bytes_total{channel="activations"}'] > 0 for n, m in second.items() if n in ("v0", "v2"))
-        assert any(m['swarmd_sent_bytes_total{channel="gradients"}'] > 0 for n, m in second.items() if n in ("v1", "v3"))
-        first_eval: dict[str, float] = {}  # each driver's loss at its own first pass, read as soon as it lands
+        first_eval: dict[str, float] = {}  # each driver's first pass (at start), read as soon as it lands
         first_passes: dict[str, float] = {}
 
         def note_first_passes() -> bool:
@@ -46,6 +41,11 @@ def test_seed_and_four_volunteers_train(tmp_path: Path, swarm_env: dict[str, str
             return len(first_eval) == 2
 
         wait_for(note_first_passes, 60, "the drivers' first evaluation pass")
+        for n in names:  # counters advance on every node while it trains
+            wait_for(lambda: all(s.metrics(n)[c] > first[n][c] for c in counters), 60, f"{n}'s counters to advance")
+        second = {n: s.metrics(n) for n in names if s.child(n).process.poll() is None}
+        assert any(m['swarmd_sent_bytes_total{channel="activations"}'] > 0 for n, m in second.items() if n in ("v0", "v2"))
+        assert any(m['swarmd_sent_bytes_total{channel="gradients"}'] > 0 for n, m in second.items() if n in ("v1", "v3"))
         wait_all_steps([s.child(n) for n in ["seed", *names]], [s.ready[n]["metrics_port"] for n in names], steps, 240)
         wait_for(lambda: all(s.metrics(d)["swarmd_eval_passes_total"] >= first_passes[d] + 2 for d in ("v0", "v2")),
                  120, "two more evaluation passes (80 inner steps later)")
@@ -70,8 +70,8 @@ def test_seed_and_four_volunteers_train(tmp_path: Path, swarm_env: dict[str, str
 
 
 def test_killed_replica_is_routed_around(tmp_path: Path, swarm_env: dict[str, str]) -> None:
-    """kill -9 of a stage-1 replica: training goes on, the drivers notice (a failed hop or a dropped microbatch),
-    nothing hangs past its deadline."""
+    """kill -9 of a stage-1 replica: training goes on, the drivers notice (a failed hop, or a microbatch dropped or
+    expired), nothing hangs past its deadline."""
     deadline = 6.0
     spec = write_spec(tmp_path / "run.toml", deadline_s=deadline, hop_timeout_s=2.0)
     with swarm(tmp_path, swarm_env) as s:
@@ -81,10 +81,12 @@ def test_killed_replica_is_routed_around(tmp_path: Path, swarm_env: dict[str, st
         wait_for(lambda: s.metrics(victim)["swarmd_samples_total"] > 50, 60, "the victim to take traffic")
 
         def noticed() -> float:
-            """Hops to the dead peer that failed, and the drivers' microbatches it held that were dropped once its
-            record expired (with every in-flight slot of a driver waiting on it, no hop is tried before that)."""
+            """Hops to the dead peer that failed, and the drivers' microbatches it held: dropped once its record
+            expired, or expired at their deadline if that came first (with every in-flight slot of a driver
+            waiting on it, no hop is tried before then)."""
             return sum(s.metrics(d)["swarmd_route_failures_total"]
-                       + s.metrics(d)['swarmd_microbatches_total{result="dropped"}'] for d in drivers)
+                       + s.metrics(d)['swarmd_microbatches_total{result="dropped"}']
+                       + s.metrics(d)['swarmd_microbatches_total{result="expired"}'] for d in drivers)
 
         noticed_before = noticed()
         os.kill(s.child(victim).process.pid, signal.SIGKILL)
