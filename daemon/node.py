@@ -821,15 +821,22 @@ class Node:
     async def close(self) -> None:
         """Leave cleanly, then stop everything this node started, p2pd included. Safe to call more than once.
 
-        Order: stop driving and starting outer steps, withdraw our heartbeat, stop taking work and let held
-        microbatches finish (briefly), let an outer step under way finish, stop the loops, take a last outer
-        step if a partner comes (``_last_outer_step``), write the checkpoint, then leave the DHT and stop p2pd."""
+        Order: stop driving and starting outer steps (one that no partner has met yet is called off), withdraw
+        our heartbeat, stop taking work and let held microbatches finish (briefly), let an outer step under way
+        finish, stop the loops, take a last outer step if a partner comes (``_last_outer_step``), write the
+        checkpoint, then leave the DHT and stop p2pd."""
         self._stopping_since = time.monotonic()
         self.stop_event.set()
         if self.pipeline is not None and self.state_ready:
             self.stage_stop.set()  # drivers start no new microbatches, run_at_boundaries no new outer step
             if isinstance(self.outer, NoLoCoService):
                 self.outer.leaving = True
+                if self.outer.unpaired and self._boundary_task is not None:
+                    # An outer step still looking for a partner would send the weights of its boundary and carry
+                    # over every inner step since, unaveraged: the last outer step takes its place and hands
+                    # over the weights as they are when it starts.
+                    self._boundary_task.cancel()
+                    await asyncio.wait({self._boundary_task})
             await self._withdraw()
             await self.pipeline.drain(DRAIN_S)
         for task in self._tasks:

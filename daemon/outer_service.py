@@ -89,6 +89,12 @@ class NoLoCoService:
         # with nothing to hand over at its last outer step (Node._last_outer_step).
         self.leaving = False
 
+    @property
+    def unpaired(self) -> bool:
+        """An outer step is waiting for a partner, and nobody has paired with it or been proposed to: cancelling
+        it leaves no partner half way through an exchange."""
+        return self._exchange is not None and self.pairing.phase is Phase.READY
+
     async def start(self, adopt: OuterState | None = None) -> None:
         """Take phi from the current weights (or ``adopt`` a live replica's outer state, for a joiner that
         downloaded that replica's weights: ``OuterState.join``) and serve the outer-step RPCs."""

@@ -127,24 +127,30 @@ def test_partner_killed_mid_exchange(tmp_path: Path, swarm_env: dict[str, str]) 
         assert s.child("v1").process.poll() is None
 
 
-@pytest.mark.parametrize("mode, reason", [("nan", "nonfinite"), ("flip", "norm")])
-def test_bad_payload_is_rejected(tmp_path: Path, swarm_env: dict[str, str], mode: str, reason: str) -> None:
-    """A partner sending NaN or phi' = -9 phi (under a 10x norm bound, but far from the victim's phi): rejected,
-    counted and banned; the victim's weights stay finite."""
+def test_bad_payloads_are_rejected(tmp_path: Path, swarm_env: dict[str, str]) -> None:
+    """Two partners of the victim's stage, one sending NaN, one phi' = -9 phi (under a 10x norm bound, but far
+    from the victim's phi): each rejected, counted by its reason and banned; the victim's weights stay finite."""
     spec = write_spec(tmp_path / "run.toml", outer="noloco", inner_steps=10, chunk_elements=16384)
+    reasons = {"v3": "nonfinite", "v5": "norm"}  # the adversaries of stage 1, by what the victim rejects them for
     with swarm(tmp_path, swarm_env) as s:
         s.start_seed(spec, "--no-train")
-        s.join_all({n: ["--stage", str(i % 2)] for i, n in enumerate(NAMES)}, launchers={"v3": (*ADVERSARY, mode)})
-        wait_for(lambda: _outer(s.metrics("v1"), "rejected") >= 1, 90, "v1 to reject the adversary's payload")
-        m = s.metrics("v1")
-        assert m[f'swarmd_rejected_messages_total{{reason="{reason}"}}'] >= 1, m
-        assert _outer(m, "paired") == 0
-        assert "banned it" in s.output("v1"), s.output("v1")
+        s.join_all({**{n: ["--stage", str(i % 2)] for i, n in enumerate(NAMES)}, "v5": ["--stage", "1"]},
+                   launchers={"v3": (*ADVERSARY, "nan"), "v5": (*ADVERSARY, "flip")})
+
+        def rejected(reason: str) -> float:
+            return s.metrics("v1")[f'swarmd_rejected_messages_total{{reason="{reason}"}}']
+
+        wait_for(lambda: all(rejected(r) >= 1 for r in reasons.values()), 120, "v1 to reject both adversaries")
+        assert _outer(s.metrics("v1"), "paired") == 0  # its only partners are the adversaries
+        for n, reason in reasons.items():
+            tag = s.ready[n]["peer_id"][-8:]
+            assert re.search(rf"outer step with {tag}: rejected its payload \({reason}\).*banned it", s.output("v1")), \
+                s.output("v1")
         stop_children(s.children)
         assert s.child("v1").process.returncode == 0, s.output("v1")
     victim = _checkpoint(tmp_path / "v1" / "checkpoint.pt")
     assert torch.isfinite(victim["phi"]).all() and torch.isfinite(_flat_weights(victim)).all()
-    assert float(victim["phi"].abs().max()) < 100, "the adversary's payload leaked into the victim's weights"
+    assert float(victim["phi"].abs().max()) < 100, "an adversary's payload leaked into the victim's weights"
 
 
 def test_pair_requests_from_off_the_ready_board_are_refused(tmp_path: Path, swarm_env: dict[str, str]) -> None:
