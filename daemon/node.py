@@ -744,6 +744,15 @@ class Node:
             result = step.result()
         print(f"last outer step: {result}", flush=True)
 
+    async def _call_off_unpaired_step(self) -> None:
+        """At a clean stop, call off an outer step that is still looking for a partner: it would send the
+        weights of its boundary and carry over every inner step since, unaveraged. The last outer step takes
+        its place and hands over the weights as they are when it starts."""
+        task = self._boundary_task
+        if isinstance(self.outer, NoLoCoService) and self.outer.unpaired and task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+
     async def _unless_hurried(self, task: asyncio.Future) -> None:
         """Wait for ``task`` to end, or cancel it at a second stop signal (``hurry``)."""
         hurry = asyncio.ensure_future(self.hurry.wait())
@@ -831,12 +840,7 @@ class Node:
             self.stage_stop.set()  # drivers start no new microbatches, run_at_boundaries no new outer step
             if isinstance(self.outer, NoLoCoService):
                 self.outer.leaving = True
-                if self.outer.unpaired and self._boundary_task is not None:
-                    # An outer step still looking for a partner would send the weights of its boundary and carry
-                    # over every inner step since, unaveraged: the last outer step takes its place and hands
-                    # over the weights as they are when it starts.
-                    self._boundary_task.cancel()
-                    await asyncio.wait({self._boundary_task})
+            await self._call_off_unpaired_step()
             await self._withdraw()
             await self.pipeline.drain(DRAIN_S)
         for task in self._tasks:
@@ -844,6 +848,7 @@ class Node:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         if self.stage_stop.is_set() and self._boundary_task is not None and not self._boundary_task.done():
+            await self._call_off_unpaired_step()  # one that was still preparing at the stop may be looking now
             # let an outer step under way finish (it may pair with a partner's last one): cut short, it could
             # leave its partner's weights averaged and ours not
             await self._unless_hurried(self._boundary_task)
