@@ -89,7 +89,7 @@ class HonestStats:
     pairs: int = 0
     distance_ratio: float = 0.0  # ||phi_partner - phi|| / ||our theta - phi||
     divergence: float = 0.0  # ||phi_partner - phi|| / ||phi||
-    progress_ratio: float = 0.0  # ||partner's theta - phi|| / our own drift
+    progress_ratio: float = 0.0  # ||partner's theta - phi|| / ||ours||
     move: float = 0.0  # ||phi change|| / ||phi|| before the clip
     rejected: int = 0  # honest payloads an honest replica rejected (false positives)
     pulls_clipped: int = 0  # honest payloads whose pull an honest replica clipped (pull_scale < 1)
@@ -135,7 +135,7 @@ def judge(own: OuterState, own_theta: torch.Tensor, payload: tuple[list, list], 
           setup: Setup, known: bool) -> tuple[str | None, float, tuple[float, float, float]]:
     """NoLoCoService's verdict on a partner's payload (``known``: paired with it before): (problem or None, the
     pull scale if accepted, (its distance from our phi in our own drifts, the same in ||phi||, its progress
-    in our own drifts))."""
+    ratio to ours))."""
     progress_sq = distance_sq = 0.0
     for (start, end), (phi, progress) in zip(bounds, payload[1]):
         p_sq, d_sq = payload_sums(own.phi[start:end], phi, progress)
@@ -147,8 +147,8 @@ def judge(own: OuterState, own_theta: torch.Tensor, payload: tuple[list, list], 
                               max_divergence=a.max_divergence, max_distance_ratio=a.max_distance_ratio,
                               max_progress_ratio=a.max_progress_ratio, known=known)
     pull = pull_scale(distance_sq, progress_norm, move_norm, a.max_distance_ratio)
-    distance, drift = math.sqrt(distance_sq), max(progress_norm, move_norm, 1e-12)
-    return problem, pull, (distance / drift, distance / phi_norm, math.sqrt(progress_sq) / drift)
+    distance, drift, scale = math.sqrt(distance_sq), max(progress_norm, move_norm, 1e-12), max(progress_norm, 1e-12)
+    return problem, pull, (distance / drift, distance / phi_norm, math.sqrt(progress_sq) / scale)
 
 
 def honest_step(state: OuterState, theta: torch.Tensor, payload: tuple[list, list] | None,

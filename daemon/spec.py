@@ -115,7 +115,7 @@ class AveragingConfig:
     # Honest replicas' progress norms differ by several x in the daemon (a payload covers H inner steps give or
     # take those its snapshot waits on the compute lane; early in training each step counts): only absurd
     # progress is rejected, and what gets through is bounded by max_move.
-    max_progress_ratio: float = 8.0  # reject a partner whose theta - phi norm exceeds this x our own drift
+    max_progress_ratio: float = 8.0  # reject a partner whose theta - phi norm exceeds this x ours
     max_move: float = 1.0  # clip the change of phi in one outer step to this x ||phi||
     stall_timeout_s: float = 10.0  # a partner that sends no chunk of its payload for this long is banned
     max_failures: int = 3  # exchanges with one partner failing in a row before it is banned

@@ -239,9 +239,7 @@ def payload_problem(
       becomes known. First meetings are joiners, catch-ups and replicas that started late or waited long for
       partners: a joiner's phi is its donor's weights, as far from the donor's phi as the donor's progress
       was then, which can exceed the donor's drift now; two replicas that refused each other would never pair.
-    - Its progress theta - phi must be at most ``max_progress_ratio`` x our own drift. Our progress alone is
-      the wrong scale right after a solo step of ours: it then covers a few inner steps, while an honest
-      partner's covers H of them, or more after a long wait for a partner.
+    - Its progress theta - phi must be at most ``max_progress_ratio`` x ours.
 
     Finiteness and shapes are checked per chunk on arrival; this catches finite but hostile payloads.
     """
@@ -256,9 +254,9 @@ def payload_problem(
         return (f"partner phi is {distance / max(drift, 1e-30):.3g} x our own drift (progress or last move) away "
                 f"from ours (limit {max_distance_ratio:g})")
     progress_norm = math.sqrt(partner_progress_sq)
-    if not progress_norm <= max_progress_ratio * drift:
-        return (f"partner progress norm {progress_norm:.3g} exceeds {max_progress_ratio:g}x our own drift "
-                f"(progress or last move, {drift:.3g})")
+    if not progress_norm <= max_progress_ratio * own_progress_norm:
+        return (f"partner progress norm {progress_norm:.3g} exceeds {max_progress_ratio:g}x ours "
+                f"({own_progress_norm:.3g})")
     return None
 
 
